@@ -1,0 +1,137 @@
+"""Turn (input, target) pairs into model inputs plus the positions where patch queries are read.
+
+Classification reads the query at position 0 (the [CLS]/<s> token the head pools). Generation
+teacher-forces the target: position p of the (decoder) sequence predicts target token j, and that
+is where neuron j's query is read. Everything that can be wrong with an input is caught here, with
+a message a person can act on, before a tensor is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PatchError
+from .families import Family
+
+
+@dataclass
+class Encoded:
+    """One example: token ids per model input, where its queries are read, and the label there."""
+
+    inputs: dict[str, list[int]]
+    positions: list[int]
+    labels: list[int]
+
+
+def max_length(model: nn.Module, tokenizer) -> int:
+    """The longest sequence the model takes (position embeddings, or the tokenizer's limit)."""
+    config = getattr(model.config, "decoder", model.config) if model.config.model_type == "encoder-decoder" else model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 100_000 else 512
+
+
+def pad_id(tokenizer) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def label_id(model: nn.Module, target) -> int:
+    """A class index from an int or a label name (config.label2id), or a clear error."""
+    num_labels = model.config.num_labels
+    label2id = {str(k): int(v) for k, v in (model.config.label2id or {}).items()}
+    if isinstance(target, bool):
+        raise PatchError(f"label must be an int in [0, {num_labels}) or one of {sorted(label2id)}, got {target!r}")
+    if isinstance(target, int):
+        if not 0 <= target < num_labels:
+            raise PatchError(f"label {target} is out of range: the model has {num_labels} labels (0..{num_labels - 1})")
+        return target
+    if isinstance(target, str) and target in label2id:
+        return label2id[target]
+    if isinstance(target, str) and target.strip().lstrip("-").isdigit() and str(int(target)) == target.strip():
+        return label_id(model, int(target))
+    raise PatchError(f"unknown label {target!r}; the model's labels are {sorted(label2id, key=label2id.get)}")
+
+
+def _check_text(text, what: str) -> str:
+    if not isinstance(text, str):
+        raise PatchError(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise PatchError(f"{what} is empty")
+    return text
+
+
+def encode(model: nn.Module, tokenizer, family: Family, text: str, target=None) -> Encoded:
+    """Encode one input with its target (None: memory text, queries at every position)."""
+    _check_text(text, "input")
+    limit = max_length(model, tokenizer)
+    if family.task == "classification":
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > limit:
+            raise PatchError(f"input is {len(ids)} tokens long; the model takes at most {limit}")
+        label = [label_id(model, target)] if target is not None else [-100]
+        return Encoded({"input_ids": ids}, [0], label)
+
+    if target is None:  # memory text: read a query at every position
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:limit]
+        if family.seq2seq:
+            return Encoded({"input_ids": ids, "decoder_input_ids": _decoder_inputs(model, ids)},
+                           list(range(len(ids))), [-100] * len(ids))
+        return Encoded({"input_ids": ids}, list(range(len(ids))), [-100] * len(ids))
+
+    _check_text(target, "target")
+    if family.seq2seq:
+        src = tokenizer(text, add_special_tokens=True)["input_ids"]
+        tgt = tokenizer(text_target=target, add_special_tokens=True)["input_ids"]
+        if len(src) > limit or len(tgt) > limit:
+            raise PatchError(f"input ({len(src)} tokens) or target ({len(tgt)} tokens) is longer than the model's {limit}")
+        return Encoded({"input_ids": src, "decoder_input_ids": _decoder_inputs(model, tgt)},
+                       list(range(len(tgt))), list(tgt))
+    prompt = tokenizer(text, add_special_tokens=True)["input_ids"]
+    tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not tgt:
+        raise PatchError("target has no tokens")
+    if len(prompt) + len(tgt) > limit:
+        raise PatchError(f"input + target is {len(prompt) + len(tgt)} tokens; the model takes at most {limit}")
+    return Encoded({"input_ids": prompt + tgt}, list(range(len(prompt) - 1, len(prompt) + len(tgt) - 1)), list(tgt))
+
+
+def _decoder_inputs(model: nn.Module, labels: list[int]) -> list[int]:
+    config = model.config
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None and config.model_type == "encoder-decoder":
+        start = getattr(config.decoder, "decoder_start_token_id", None) or getattr(config.decoder, "bos_token_id", None)
+    if start is None:
+        raise PatchError("the model config has no decoder_start_token_id; set it to teacher-force targets")
+    return [int(start)] + list(labels[:-1])
+
+
+def collate(items: list[Encoded], pad: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; every query position stays where it was."""
+    batch: dict[str, torch.Tensor] = {}
+    for key in items[0].inputs:
+        seqs = [it.inputs[key] for it in items]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        batch[key] = ids
+        batch["attention_mask" if key == "input_ids" else "decoder_attention_mask"] = mask
+    return batch
+
+
+def gather_positions(tensor: torch.Tensor, items: list[Encoded]) -> torch.Tensor:
+    """(B, T, d) -> (sum of positions, d), in item order."""
+    rows = torch.cat([torch.full((len(it.positions),), i, dtype=torch.long) for i, it in enumerate(items)])
+    cols = torch.cat([torch.tensor(it.positions, dtype=torch.long) for it in items])
+    return tensor[rows, cols]

@@ -1,0 +1,118 @@
+"""Data records shared by ingest, validation, quarantine and the later tasks.
+
+These are the contracts between the parts of patchflow (DESIGN §2): an `ErrorRecord` is a logged
+mistake that passed validation; a `RawRow` is what ingest read before anyone judged it; a
+`QuarantineRow` is a rejected row with every reason it was rejected; a `FileProblem` is a whole
+file that could not be read row by row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+REQUIRED_FIELDS: tuple[str, ...] = ("id", "logged_at", "input", "correction")
+OPTIONAL_FIELDS: tuple[str, ...] = ("prediction", "equivalents", "model", "source", "metadata")
+KNOWN_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+
+def utc_now() -> datetime:
+    """Current time, tz-aware UTC (naive datetimes are never produced by patchflow)."""
+    return datetime.now(timezone.utc)
+
+
+def safe_text(text: str) -> str:
+    """Make text encodable as UTF-8 without losing content.
+
+    Lone surrogates (e.g. from a JSON escape like "\\ud800") cannot be stored in a database or
+    written to a file; they are replaced by their backslash escape so the content survives.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def reason_key(reason: str) -> str:
+    """The stable part of a reason string (before the first ': '), used to count reasons."""
+    return reason.split(": ", 1)[0]
+
+
+class ErrorRecord(BaseModel):
+    """One validated, logged mistake of a deployed model (DESIGN §2)."""
+
+    id: str
+    logged_at: datetime
+    input: str
+    correction: str
+    prediction: str | None = None
+    equivalents: list[str] = Field(default_factory=list)
+    model: str | None = None
+    source: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    origin: str
+
+    @field_validator("logged_at")
+    @classmethod
+    def _tz_aware_utc(cls, value: datetime) -> datetime:
+        # Records are compared and ordered across sources; a naive time would be ambiguous.
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("logged_at must be timezone-aware")
+        return value.astimezone(timezone.utc)
+
+
+class RawRow(BaseModel):
+    """A row as ingest read it, before validation.
+
+    `data` is None when the row could not even be parsed (invalid JSON, non-UTF-8 bytes, a ragged
+    CSV record); `problem` then says why, as `"<check>: <detail>"`. `raw` always holds the row's
+    content as text so that a quarantined row can be inspected and re-fed later.
+    """
+
+    origin: str
+    data: dict[str, Any] | None
+    raw: str
+    problem: str | None = None
+
+
+class FileProblem(BaseModel):
+    """A whole file that could not be read row by row (binary, corrupt, rewritten)."""
+
+    origin: str
+    reason: str
+    raw: str = ""
+
+
+class QuarantineRow(BaseModel):
+    """A rejected row, kept forever, with every check it failed."""
+
+    model: str
+    run_id: str
+    origin: str
+    record_id: str | None = None
+    raw: str
+    reasons: list[str]
+    quarantined_at: datetime = Field(default_factory=utc_now)
+
+    @field_validator("raw")
+    @classmethod
+    def _storable_raw(cls, value: str) -> str:
+        return safe_text(value)
+
+    @field_validator("reasons")
+    @classmethod
+    def _storable_reasons(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("a quarantined row needs at least one reason")
+        return [safe_text(r) for r in value]
+
+    @field_validator("record_id")
+    @classmethod
+    def _storable_id(cls, value: str | None) -> str | None:
+        return None if value is None else safe_text(value)
+
+    @field_validator("quarantined_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
