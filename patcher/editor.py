@@ -131,6 +131,7 @@ class Editor:
         self._pre_norm = get_path(self.ffn.layer, self.family.pre_norm) if self.family.pre_norm else None
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ queries and memory
     @contextmanager
@@ -190,6 +191,23 @@ class Editor:
         self.val_memory = queries[order[:n_val]].clone()
         self.memory = torch.cat([self.memory, queries[order[n_val:]]])
         return int(self.memory.shape[0] + self.val_memory.shape[0])
+
+    @torch.no_grad()
+    def remember(self, requests: Sequence[EditRequest]) -> int:
+        """Add the queries of earlier edits to the memory, so new patches stay silent on them.
+
+        Used when patches come from a saved patch set (a new night, a resumed run) rather than
+        from ``edit`` in this process. Requests that fail to encode are skipped (they were checked
+        when they were first edited)."""
+        items = []
+        for r in requests:
+            try:
+                items.append(self._encode(r.input, r.target))
+            except PatchError:
+                continue
+        for start in range(0, len(items), 32):
+            self.memory = torch.cat([self.memory, self.capture(items[start : start + 32]).q])
+        return len(items)
 
     # ------------------------------------------------------------------ predictions
     def predict(self, texts: Sequence[str]) -> list[str]:
@@ -404,9 +422,11 @@ class Editor:
         return self.ffn.edit_ids()
 
     def patch_set(self):
-        from .patchset import PatchSet
+        from .patchset import PatchSet, fingerprint
 
-        return PatchSet.from_model(self.model, self.config)
+        if self._fingerprint is None:  # the base never changes under an editor: hash it once
+            self._fingerprint = fingerprint(self.model)
+        return PatchSet.from_model(self.model, self.config, base_fingerprint=self._fingerprint)
 
     def folded(self) -> nn.Module:
         """A copy of the model with every patch folded into a plain, wider FFN (for serving)."""

@@ -67,7 +67,8 @@ class PatchSet:
         return sum(b.neurons for b in self.blocks)
 
     @classmethod
-    def from_model(cls, model: nn.Module, config=None, extra: dict | None = None) -> "PatchSet":
+    def from_model(cls, model: nn.Module, config=None, extra: dict | None = None,
+                   base_fingerprint: str | None = None) -> "PatchSet":
         family = resolve_family(model)
         ffn = PatchedFFN.find(model)
         blocks = list(ffn.blocks) if ffn is not None else []
@@ -76,7 +77,7 @@ class PatchSet:
             "library_version": library_version(),
             "model_type": family_key(model.config),
             "architecture": type(model).__name__,
-            "base_fingerprint": fingerprint(model),
+            "base_fingerprint": base_fingerprint or fingerprint(model),
             "layer": resolved_layer_path(model, family),
             "ffn_in": list(family.ffn_in),
             "ffn_out": family.ffn_out,

@@ -1,0 +1,71 @@
+"""The nightly maintenance flow: ingest -> validate -> patch -> gate -> register."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from tasks.config import load_config
+from tasks.ingest import StateStore
+from tasks.night import (commit_watermark, cleanup, gate_candidate, ingest_errors, ledger_after, load_parent,
+                         night_lock, patch_errors, register_candidate, validate_errors)
+from tasks.patch import torch_threads
+from tasks.quarantine import QuarantineStore
+from tasks.registry import Registry
+
+
+class NightReport(BaseModel):
+    model: str
+    status: Literal["registered", "nothing-new", "nothing-to-patch", "gate-failed"]
+    parent_version: str
+    version: str | None = None
+    alias: str | None = None
+    rows_read: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    edits_applied: int = 0
+    gate: dict | None = None
+    message: str = ""
+
+
+@flow(name="patchflow-nightly", log_prints=True)
+def nightly(model: str, config_dir: str = "deployments", progress: bool = True) -> NightReport:
+    """Keep one registered model correct: tonight's logged mistakes become patches, if they pass the gate."""
+    cfg = load_config(model, Path(config_dir))
+    run_id = str(flow_run.get_id() or "local")
+    torch_threads()
+    with night_lock(cfg):
+        registry, state = Registry(cfg.resolved_tracking_uri), StateStore(cfg.resolved_state_url)
+        quarantine = QuarantineStore(cfg.resolved_state_url)
+        parent = load_parent(registry, cfg)
+        batch = ingest_errors(cfg, state)
+        checked = validate_errors(cfg, batch, parent, run_id, quarantine)
+        counts = dict(rows_read=batch.rows_read, accepted=len(checked.accepted),
+                      quarantined=len(checked.quarantined) + len(batch.file_problems))
+        if not checked.accepted:
+            commit_watermark(cfg, state, batch, run_id)
+            return NightReport(model=cfg.name, status="nothing-new", parent_version=parent.version, **counts,
+                               message="no new valid errors tonight")
+        run = patch_errors(cfg, parent, checked.accepted, progress)
+        if not run.applied:
+            commit_watermark(cfg, state, batch, run_id)
+            cleanup(cfg, run)
+            return NightReport(model=cfg.name, status="nothing-to-patch", parent_version=parent.version, **counts,
+                               message=f"{len(run.outcomes)} errors: none needed (or took) a patch")
+        ledger = ledger_after(parent, checked.accepted, run)
+        report = gate_candidate(cfg, parent, run, checked.accepted, ledger)
+        if not report.passed:
+            # Nothing is registered and the watermark stays: tomorrow's night sees these rows again.
+            return NightReport(model=cfg.name, status="gate-failed", parent_version=parent.version, **counts,
+                               edits_applied=len(run.applied), gate=report.model_dump(), message=report.summary())
+        info = register_candidate(registry, cfg, parent, run, report, ledger, run_id)
+        commit_watermark(cfg, state, batch, run_id)
+        cleanup(cfg, run)
+        get_run_logger().info("night done: %s v%s", cfg.name, info.version)
+        return NightReport(model=cfg.name, status="registered", parent_version=parent.version, version=info.version,
+                           alias="champion" if cfg.auto_promote else "challenger", **counts,
+                           edits_applied=len(run.applied), gate=report.model_dump(), message=report.summary())
