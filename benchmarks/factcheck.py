@@ -217,18 +217,21 @@ def minilm_folder() -> Path:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 32
     max_length: int = 32
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
     paraphrases_per_claim: int = 1  # besides the main template, random equivalents per claim
-    threads: int = 2
+    threads: int = 2  # speed only: not part of the cache key
 
 
 def model_cache_key(data: FactCheckData, settings: TrainSettings, seed: int = 0) -> str:
-    return stable_hash({"data": data_hash(data), "settings": asdict(settings), "seed": seed, "base": "all-MiniLM-L6-v2"})
+    """Hash of the data, the training settings (all but ``threads``), the seed and the base."""
+    s = asdict(settings)
+    s.pop("threads", None)
+    return stable_hash({"data": data_hash(data), "settings": s, "seed": seed, "base": "all-MiniLM-L6-v2"})
 
 
 def model_cache_dir(cache_dir: Path, data: FactCheckData, settings: TrainSettings, seed: int = 0) -> Path:

@@ -262,10 +262,11 @@ class Editor:
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
 
         seed = _edit_seed(self.config.seed, request.id)
-        torch.manual_seed(seed)
         rows = [cap]
         if self.config.batch_size > 1:
-            rows.append(self.capture([main] * (self.config.batch_size - 1), train=True))
+            with torch.random.fork_rng():  # dropout masks from the edit's own seed; caller's RNG untouched
+                torch.manual_seed(seed)
+                rows.append(self.capture([main] * (self.config.batch_size - 1), train=True))
         q = torch.cat([r.q for r in rows]).view(-1, n_pos, self.ffn.d_model)
         resid = torch.cat([r.resid for r in rows]).view(-1, n_pos, q.shape[-1])
         y = torch.cat([r.y for r in rows]).view(-1, n_pos, self.ffn.d_out)
@@ -364,7 +365,8 @@ class Editor:
             l_act = self._act_loss(z_rows)
             l_mem = self._memory_loss(zm, z_edit)
             loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
-            losses = {"edit": float(l_edit), "activation": float(l_act), "memory": float(l_mem), "total": float(loss)}
+            losses = {"edit": float(l_edit.detach()), "activation": float(l_act.detach()), "memory": float(l_mem.detach()),
+                      "total": float(loss.detach())}
 
             if fixed_now and (step % c.memory_refresh == 0 or not c.cached):
                 with torch.no_grad():
@@ -372,10 +374,13 @@ class Editor:
                     zv = (val @ params["key"].T + params["bias"]) if val.shape[0] else None
                     z_val = zv.max().item() if zv is not None else -math.inf
                     val_loss = self._memory_loss(zv, z_edit.detach()).item() if zv is not None else 0.0
+                firing = float(z_edit.min()) > c.act_margin
                 silent = z_all < c.silence_z and z_val < c.silence_z
-                if silent and float(z_edit.min()) > c.act_margin:
+                if silent and firing:
                     break
-                if val_loss < best_val - 1e-6:
+                if not firing:  # fixed through the activation's negative side: keep training
+                    pass
+                elif val_loss < best_val - 1e-6:
                     best_val, since_best = val_loss, 0
                 else:
                     since_best += c.memory_refresh if c.cached else 1

@@ -85,6 +85,6 @@ def build(kind: str, seed: int = 0, num_labels: int = 3):
         model = BartForConditionalGeneration(BartConfig(vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, init_std=0.3))
         return _no_dropout(model), word_tokenizer("<s> $A </s>")
     if kind in ("t5", "t5-gated"):
-        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_decoder_layers=2, num_heads=2, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu"))
+        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=32, d_ff=64, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=2, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, feed_forward_proj="gated-gelu" if kind == "t5-gated" else "relu"))
         return _no_dropout(model), word_tokenizer("$A </s>")
     raise ValueError(kind)

@@ -111,6 +111,7 @@ def test_cache_key_changes_with_settings(data, tmp_path):
     assert key != fc.model_cache_key(data, dataclasses.replace(s, lr=1e-4))
     assert key != fc.model_cache_key(data, dataclasses.replace(s, epochs=s.epochs + 1))
     assert key != fc.model_cache_key(data, s, seed=1)
+    assert key == fc.model_cache_key(data, dataclasses.replace(s, threads=1))  # speed only
     assert key != fc.model_cache_key(fc.build_factcheck(seed=0, n_cities=N - 10), s)
     assert fc.model_cache_dir(tmp_path, data, s).name == f"factcheck-minilm-{key}"
 

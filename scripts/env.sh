@@ -1,0 +1,8 @@
+# Offline, no telemetry: sourced by the demo, test and benchmark scripts.
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export MLFLOW_DISABLE_TELEMETRY=true
+export DO_NOT_TRACK=true
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export TOKENIZERS_PARALLELISM=false
+export PATCHFLOW_HOME="${PATCHFLOW_HOME:-$(pwd)}"
