@@ -26,8 +26,10 @@ class NightReport(BaseModel):
     alias: str | None = None
     rows_read: int = 0
     accepted: int = 0
-    quarantined: int = 0
+    quarantined: int = 0  # rows; rows_read == accepted + quarantined
+    files_unreadable: list[str] = []  # whole files ingest could not read: "<file>: <reason>"
     edits_applied: int = 0
+    resumed_after: int = 0  # edits recovered from a checkpoint of an interrupted run of this night
     gate: dict | None = None
     message: str = ""
 
@@ -39,13 +41,15 @@ def nightly(model: str, config_dir: str = "deployments", progress: bool = True) 
     run_id = str(flow_run.get_id() or "local")
     torch_threads()
     with night_lock(cfg):
-        registry, state = Registry(cfg.resolved_tracking_uri), StateStore(cfg.resolved_state_url)
+        registry = Registry(cfg.resolved_tracking_uri, retries=cfg.registry_retries, backoff_s=cfg.registry_backoff_s)
+        state = StateStore(cfg.resolved_state_url)
         quarantine = QuarantineStore(cfg.resolved_state_url)
         parent = load_parent(registry, cfg)
         batch = ingest_errors(cfg, state)
         checked = validate_errors(cfg, batch, parent, run_id, quarantine)
         counts = dict(rows_read=batch.rows_read, accepted=len(checked.accepted),
-                      quarantined=len(checked.quarantined) + len(batch.file_problems))
+                      quarantined=len(checked.quarantined),
+                      files_unreadable=[f"{p.origin}: {p.reason}" for p in batch.file_problems])
         if not checked.accepted:
             commit_watermark(cfg, state, batch, run_id)
             return NightReport(model=cfg.name, status="nothing-new", parent_version=parent.version, **counts,
@@ -55,17 +59,19 @@ def nightly(model: str, config_dir: str = "deployments", progress: bool = True) 
             commit_watermark(cfg, state, batch, run_id)
             cleanup(cfg, run)
             return NightReport(model=cfg.name, status="nothing-to-patch", parent_version=parent.version, **counts,
+                               resumed_after=run.resumed_after,
                                message=f"{len(run.outcomes)} errors: none needed (or took) a patch")
         ledger = ledger_after(parent, checked.accepted, run)
         report = gate_candidate(cfg, parent, run, checked.accepted, ledger)
         if not report.passed:
             # Nothing is registered and the watermark stays: tomorrow's night sees these rows again.
             return NightReport(model=cfg.name, status="gate-failed", parent_version=parent.version, **counts,
-                               edits_applied=len(run.applied), gate=report.model_dump(), message=report.summary())
+                               resumed_after=run.resumed_after, edits_applied=len(run.applied), gate=report.model_dump(), message=report.summary())
         info = register_candidate(registry, cfg, parent, run, report, ledger, run_id)
         commit_watermark(cfg, state, batch, run_id)
         cleanup(cfg, run)
         get_run_logger().info("night done: %s v%s", cfg.name, info.version)
         return NightReport(model=cfg.name, status="registered", parent_version=parent.version, version=info.version,
                            alias="champion" if cfg.auto_promote else "challenger", **counts,
-                           edits_applied=len(run.applied), gate=report.model_dump(), message=report.summary())
+                           edits_applied=len(run.applied), resumed_after=run.resumed_after, gate=report.model_dump(),
+                           message=report.summary())

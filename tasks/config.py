@@ -73,6 +73,8 @@ class ModelConfig(BaseModel):
     tracking_uri: str | None = Field(None, description="default sqlite:///<workdir>/mlflow.db")
     state_url: str | None = Field(None, description="default sqlite:///<workdir>/state.db")
     naive_timestamps: Literal["reject", "utc"] = "reject"
+    registry_retries: int = Field(3, ge=1, description="attempts per MLflow call on transient errors (server down)")
+    registry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per attempt")
 
     @field_validator("name")
     @classmethod

@@ -47,7 +47,6 @@ def prepare(cfg: ModelConfig, n_errors: int, progress: bool = True) -> dict:
     from benchmarks.factcheck import ID2LABEL, build_factcheck, mistakes, prepare_base_model
     from tasks.registry import Registry, RegistryError
 
-    demo_dir = cfg.memory.parent
     cache = cfg.workdir / "cache"
     print(f"[1/5] preparing the base model (fine-tuning all-MiniLM-L6-v2 once; cached in {cache}) ...", flush=True)
     folder = prepare_base_model(cache)

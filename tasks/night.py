@@ -6,9 +6,7 @@ paragraph in DEVELOPERS.md and every step shows up in the Prefect UI with its ow
 from __future__ import annotations
 
 import fcntl
-import json
 import os
-import statistics
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from patcher import EditRequest, target_correct
+from patcher import EditRequest
 from patcher.encoding import max_length
 from tasks.config import ModelConfig
 from tasks.evaluate import ModelRef, evaluate
@@ -27,7 +25,7 @@ from tasks.ingest import IngestBatch, StateStore, ingest
 from tasks.patch import PatchRun, clear_checkpoint, patch_night
 from tasks.quarantine import QuarantineStore, file_problem_rows
 from tasks.records import ErrorRecord
-from tasks.registry import LoadedVersion, Registry, RegistryError
+from tasks.registry import LoadedVersion, Registry, RegistryError, RegistryUnavailable
 from tasks.validate import ValidationContext, ValidationResult, validate
 from tasks.examples import read_examples
 
@@ -84,7 +82,9 @@ def load_parent(registry: Registry, cfg: ModelConfig) -> LoadedVersion:
         challenger = registry.info(cfg.name, "challenger")
         if int(challenger.version) > int(champion.version) and _descends(registry, cfg.name, challenger.version, champion.version):
             parent = challenger
-    except RegistryError:
+    except RegistryUnavailable:
+        raise
+    except RegistryError:  # no challenger
         pass
     loaded = registry.load_version(cfg.name, parent.version)
     logger.info("building on %s version %s (%d edits so far)", cfg.name, loaded.version, len(loaded.ledger))

@@ -106,6 +106,10 @@ class RegistryError(RuntimeError):
     """A registry operation cannot be done; the message names the model / alias / version."""
 
 
+class RegistryUnavailable(RegistryError):
+    """MLflow could not be reached (still failing after the bounded retries)."""
+
+
 # ----------------------------------------------------------------------------- data classes
 
 
@@ -336,8 +340,13 @@ class Registry:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                if attempt + 1 >= self.retries or not _is_transient(exc):
+                if not _is_transient(exc):
                     raise
+                if attempt + 1 >= self.retries:
+                    raise RegistryUnavailable(
+                        f"MLflow at {self.tracking_uri} is unreachable: {getattr(fn, '__name__', fn)} "
+                        f"failed {self.retries} time(s) ({exc})"
+                    ) from exc
                 delay = self.backoff_s * (2**attempt)
                 log.warning("MLflow call %s failed (%s); retrying in %.1fs",
                             getattr(fn, "__name__", fn), exc, delay)
@@ -535,8 +544,10 @@ class Registry:
                         return mv
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _discard_version(self, name: str, version: str, why: str) -> None:
-        """Remove a version that must never be served; tag it incomplete if it cannot be removed."""
+    def _discard_version(self, name: str, version: str, why: str) -> bool:
+        """Remove a version that must never be served; tag it incomplete if it cannot be removed.
+        True when it was removed. (One that stays has no ``complete`` tag: never loaded, never
+        aliased, and removed by the next attempt of the same night.)"""
         try:
             mv = self.client.get_model_version(name, version)
             previous = (mv.tags or {}).get(TAG_PREVIOUS_CHAMPION, "")
@@ -547,6 +558,7 @@ class Registry:
                     self.client.delete_registered_model_alias(name, alias)
             self.client.delete_model_version(name, version)
             log.warning("deleted incomplete version %s of %s: %s", version, name, why)
+            return True
         except Exception as exc:  # pragma: no cover - best effort
             log.error("could not delete version %s of %s (%s); tagging it incomplete",
                       version, name, exc)
@@ -555,6 +567,7 @@ class Registry:
                 self.client.set_model_version_tag(name, version, TAG_COMPLETE, "false")
             except Exception:
                 pass
+            return False
 
     def _end_run(self, run_id: str, status: str) -> None:
         try:
@@ -919,15 +932,17 @@ class Registry:
             elif alias == CHALLENGER:
                 self._call(self.client.set_registered_model_alias, name, CHALLENGER, version)
         except BaseException as exc:
-            if version is not None:
-                self._discard_version(name, version, f"register_candidate failed: {exc}")
+            removed = version is not None and self._discard_version(
+                name, version, f"register_candidate failed: {exc}")
             self._end_run(run_id, "FAILED")
-            msg = (
-                f"registering a candidate of model {name!r} (night {night_key!r}) failed"
-                + (f" after version {version} was created; that version was removed and no "
-                   "alias points at it" if version else "")
-                + f": {exc}"
-            )
+            if version is None:
+                after = ""
+            elif removed:
+                after = f" after version {version} was created; that version was removed and no alias points at it"
+            else:
+                after = (f" after version {version} was created; it could not be removed now, is not marked "
+                         "complete (so it is never loaded or aliased) and the next attempt of this night removes it")
+            msg = f"registering a candidate of model {name!r} (night {night_key!r}) failed{after}: {exc}"
             raise RegistryError(msg) from exc
         self._end_run(run_id, "FINISHED")
         return self._info(self._get_version(name, version))

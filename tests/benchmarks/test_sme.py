@@ -1,0 +1,110 @@
+"""The SME harness on a tiny BERT and synthetic claims: structure and ranges only, no quality bars
+(those belong to results files)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import sme
+from benchmarks.baselines import FineTuner, FTConfig, trainable_parameters
+from patcher import EditRequest, target_correct
+from tests import tiny
+
+torch.set_num_threads(1)
+
+RATES = ("sr", "gr", "er", "er_stream", "neighbour_r", "train_acc", "test_acc", "train_acc_base", "test_acc_base")
+RATIOS = ("train_r", "test_r")
+
+
+def synthetic_task() -> sme.Task:
+    model, tok = tiny.build("bert", num_labels=2)
+    s = tiny.SENTENCES
+    claims = [(text, i % 2) for i, text in enumerate(s)]
+    pool = [sme.Item(f"c{i}", text, label, [f"{text} today", f"the {text}"]) for i, (text, label) in enumerate(claims[:16])]
+
+    def neighbours(item):
+        i = int(item.id[1:])
+        return [claims[(i + k) % len(claims)] for k in (1, 2, 3)]
+
+    return sme.Task(name="synthetic", model=model, tokenizer=tok, edit_pool=pool,
+                    memory_texts=s + [f"{t} today" for t in s], train_eval=claims[16:22], test_eval=claims[22:],
+                    neighbours=neighbours)
+
+
+@pytest.fixture(scope="module")
+def result():
+    task = synthetic_task()
+    return sme.run_benchmark(task, n_edits=3, seed=0, methods=sme.METHODS,
+                             patcher_config={"memory_size": 100, "max_steps": 60},
+                             faithful_edits=2, ft_config={"max_steps": 5, "lr": 1e-3},
+                             ftkl_config={"max_steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_batch": 4},
+                             every=2, progress=False)
+
+
+def test_json_structure(result, tmp_path):
+    out = tmp_path / "r.json"
+    sme.write_json(result, out)
+    data = json.loads(out.read_text())  # strict JSON: no NaN
+    for key in ("task", "seed", "N", "machine", "wall_seconds", "methods", "stream_length", "base_mistakes"):
+        assert key in data
+    assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
+    assert data["stream_length"] == min(3, data["base_mistakes"]) > 0
+    assert set(data["methods"]) == set(sme.METHODS)
+    for name, res in data["methods"].items():
+        assert res["edited"] + res["fixed_before_edit"] == res["stream"]
+        assert len(res["edits"]) == res["stream"]
+        assert res["series"] and res["series"][-1]["t"] == res["stream"]
+        for point in res["series"]:
+            for k in ("sr", "gr", "er"):
+                assert point[k] is None or 0.0 <= point[k] <= 1.0
+        for k in RATES:
+            assert res[k] is None or 0.0 <= res[k] <= 1.0, (name, k, res[k])
+        for k in RATIOS:  # locality ratios may exceed 1 when the edited model does better
+            assert res[k] is None or res[k] >= 0.0
+        assert res["seconds_per_edit_median"] is None or res["seconds_per_edit_median"] >= 0
+        assert "config" in res
+    assert data["methods"]["faithful"]["stream"] == 2
+    cmp = data["methods"]["faithful"]["comparison"]
+    assert 0.0 <= cmp["test_prediction_agreement"] <= 1.0
+    assert isinstance(cmp["same_edits_fixed"], bool)
+    assert data["methods"]["patcher"]["config"]["memory_queries"] > 0
+    assert data["methods"]["ft"]["neurons"] == 0
+
+
+def test_plot_and_summary(result, tmp_path):
+    png = tmp_path / "r.png"
+    sme.plot(result, png)
+    assert png.stat().st_size > 1000
+    assert "patcher" in sme.summary(result)
+
+
+def test_evaluate_matches_target_correct():
+    task = synthetic_task()
+    pairs = task.train_eval + task.test_eval
+    _, correct = sme.evaluate(task.model, task.tokenizer, pairs)
+    assert correct == target_correct(task.model, task.tokenizer, [p for p, _ in pairs], [y for _, y in pairs])
+    gen, gtok = tiny.build("llama")
+    gpairs = [("the capital of france is", " paris"), ("the cat is", " in the house")]
+    preds, correct = sme.evaluate(gen, gtok, gpairs)
+    assert correct == target_correct(gen, gtok, [p for p, _ in gpairs], [y for _, y in gpairs])
+    assert all(isinstance(p, tuple) for p in preds)
+
+
+def test_ft_trains_only_the_last_ffn():
+    model, tok = tiny.build("bert", num_labels=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tuner = FineTuner(model, tok, FTConfig(max_steps=3, lr=1e-2))
+    text = tiny.SENTENCES[0]
+    wrong = 1 - int(model(**tok(text, return_tensors="pt")).logits.argmax())
+    tuner.edit(EditRequest("x", text, wrong))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".encoder.layer.1.intermediate." in k or ".encoder.layer.1.output.dense." in k for k in changed)
+    assert len(trainable_parameters(model, "layer")) > len(trainable_parameters(model, "ffn")) == 4
+
+
+def test_jsonable_strict():
+    assert sme.jsonable({"a": math.nan, "b": (1, math.inf)}) == {"a": None, "b": [1, None]}

@@ -1,0 +1,139 @@
+"""Scale-out: sharded gate evaluation on prefect-dask equals the in-process one; the nightly
+deployment from prefect.yaml runs on a real Prefect server through a process work-pool worker;
+prefect.yaml schedules every configured model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from flows.nightly import nightly
+from tasks.config import Evaluation, load_config
+from tasks.evaluate import ModelRef, evaluate
+from tasks.registry import CHAMPION, Registry
+from tests.flows import procs
+from tests.flows.conftest import World
+
+
+def run(world: World, **kw):
+    return nightly(model=world.name, config_dir=str(world.deployments), progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# (a) sharded evaluation == local evaluation
+
+
+def test_sharded_evaluation_equals_local(world: World):
+    world.log_errors("night1.jsonl", 0, 3)
+    assert run(world).status == "registered"
+    registry = Registry(world.tracking_uri)
+    champion = registry.load_version(world.name, CHAMPION)
+    ref = ModelRef(base_folder=champion.base_folder, patch_dir=registry.patch_folder(world.name, champion.version))
+    edits = [(e["input"], e["correction"]) for e in champion.ledger_entries]
+    rows = [(s, p) for s, p in world.pool[:40]] + edits + [(s, "L1" if p == "L0" else "L0") for s, p in world.pool[300:307]]
+    inputs, targets = [x for x, _ in rows], [y for _, y in rows]
+
+    local = evaluate(ref, inputs, targets, Evaluation(runner="local"))
+    sharded = evaluate(ref, inputs, targets, Evaluation(runner="dask", n_workers=2, shards=3))
+    assert sharded == local
+    assert len(local) == len(rows)
+    # not trivially equal: the candidate gets its edits right, and some rows (labels flipped) wrong
+    assert all(local[40 : 40 + len(edits)]) and not all(local)
+
+    def gate_metrics(flags):
+        n, m = 40, len(edits)
+        return {"holdout_acc": sum(flags[:n]) / n, "edit_retain": sum(flags[n : n + m]) / m}
+
+    assert gate_metrics(sharded) == gate_metrics(local)
+
+
+# ------------------------------------------------------------------------------------------------
+# (b) the deployment on a real Prefect server + process worker
+
+
+def _api(url: str, method: str = "GET", body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def test_nightly_deployment_runs_on_a_prefect_server_with_a_process_worker(world: World, tmp_path: Path):
+    world.log_errors("night1.jsonl", 0, 2)
+    port = procs.free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "prefect-home"
+    env = procs.child_env(
+        PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+        PYTHONPATH=None,  # the worker's flow run must find the code through the pull step alone
+    )
+    prefect = str(procs.BIN / "prefect")
+    server = worker = None
+    try:
+        server = procs.start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                             tmp_path / "server.log", env)
+        procs.wait_http(f"{api}/health", server, tmp_path / "server.log", timeout=120)
+
+        def cli(*args: str, cwd: Path = procs.REPO) -> str:
+            out = subprocess.run([prefect, "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                                 timeout=180)
+            assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+            return out.stdout
+
+        cli("work-pool", "create", "patchflow", "--type", "process")
+        cli("deploy", "-n", "nightly-manual")  # from prefect.yaml in the repository root
+        deployment = _api(f"{api}/deployments/name/patchflow-nightly/nightly-manual")
+        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                             {"directory": "{{ $PATCHFLOW_HOME }}"}}]
+
+        # the worker starts elsewhere; PATCHFLOW_HOME (resolved when the run starts) leads it to the code
+        elsewhere = tmp_path / "worker-cwd"
+        elsewhere.mkdir()
+        worker = procs.start([prefect, "worker", "start", "--pool", "patchflow", "--limit", "1"],
+                             tmp_path / "worker.log", dict(env, PATCHFLOW_HOME=str(procs.REPO)), cwd=elsewhere)
+        flow_run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST",
+                        {"parameters": {"model": world.name, "config_dir": str(world.deployments)}})
+        deadline = time.monotonic() + 300
+        while True:
+            state = _api(f"{api}/flow_runs/{flow_run['id']}")["state"]
+            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert worker.poll() is None, procs.tail(tmp_path / "worker.log")
+            assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{procs.tail(tmp_path / 'worker.log')}"
+            time.sleep(1)
+        assert state["type"] == "COMPLETED", f"{state}\n{procs.tail(tmp_path / 'worker.log', 8000)}"
+    finally:
+        procs.stop(worker)
+        procs.stop(server)
+    registry = Registry(world.tracking_uri)
+    info = registry.info(world.name, CHAMPION)
+    assert info.version == "2" and info.parent_version == "1" and info.patch_count >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# prefect.yaml covers every configured model
+
+
+def test_prefect_yaml_has_a_nightly_deployment_per_model():
+    spec = yaml.safe_load((procs.REPO / "prefect.yaml").read_text())
+    deployments = spec["deployments"]
+    configured = sorted((procs.REPO / "deployments").glob("*.yaml"))
+    assert configured
+    for path in configured:
+        cfg = load_config(path)
+        nightly_ones = [d for d in deployments if d.get("entrypoint") == "flows/nightly.py:nightly"
+                        and (d.get("parameters") or {}).get("model") == cfg.name and d.get("schedules")]
+        assert len(nightly_ones) == 1, f"prefect.yaml needs one scheduled nightly deployment for {cfg.name}"
+        (schedule,) = nightly_ones[0]["schedules"]
+        assert (schedule["cron"], schedule.get("timezone", "UTC")) == (cfg.schedule.cron, cfg.schedule.timezone)
+    scheduled = {(d.get("parameters") or {}).get("model") for d in deployments if d.get("schedules")}
+    assert scheduled == {load_config(p).name for p in configured}, "a scheduled deployment for an unconfigured model"
+    manual = [d for d in deployments if d["name"] == "nightly-manual"]
+    assert manual and "model" not in manual[0].get("parameters", {})
