@@ -132,6 +132,9 @@ class Editor:
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
         self._fingerprint: str | None = None
+        self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
+            isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
+            for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
 
     # ------------------------------------------------------------------ queries and memory
     @contextmanager
@@ -263,7 +266,7 @@ class Editor:
 
         seed = _edit_seed(self.config.seed, request.id)
         rows = [cap]
-        if self.config.batch_size > 1:
+        if self.config.batch_size > 1 and self._has_dropout:  # without dropout the copies are identical
             with torch.random.fork_rng():  # dropout masks from the edit's own seed; caller's RNG untouched
                 torch.manual_seed(seed)
                 rows.append(self.capture([main] * (self.config.batch_size - 1), train=True))
@@ -339,9 +342,9 @@ class Editor:
         neuron_idx = torch.arange(len(positions))
         memory, val = self.memory, self.val_memory
         candidates = memory
-        best_val, since_best, steps = math.inf, 0, 0
+        best_val, since_best, fixed_for, steps = math.inf, 0, 0, 0
         losses: dict[str, float] = {}
-        batch_items = [main] * c.batch_size + variants[1:]
+        batch_items = [main] * (c.batch_size if self._has_dropout else 1) + variants[1:]
         for step in range(c.max_steps):
             steps = step + 1
             if c.cached:
@@ -374,18 +377,20 @@ class Editor:
                     zv = (val @ params["key"].T + params["bias"]) if val.shape[0] else None
                     z_val = zv.max().item() if zv is not None else -math.inf
                     val_loss = self._memory_loss(zv, z_edit.detach()).item() if zv is not None else 0.0
-                firing = float(z_edit.min()) > c.act_margin
+                firing = float(z_edit.detach().min()) > c.act_margin
                 silent = z_all < c.silence_z and z_val < c.silence_z
                 if silent and firing:
                     break
-                if not firing:  # fixed through the activation's negative side: keep training
-                    pass
-                elif val_loss < best_val - 1e-6:
+                # Early stopping on the validation memory: only a 1% improvement resets patience, and
+                # once fixed an edit trains at most 2 x patience more steps (the exp losses keep
+                # creeping down forever; the margins they buy after that are not worth the time).
+                fixed_for += c.memory_refresh if c.cached else 1
+                if val_loss < best_val * 0.99:
                     best_val, since_best = val_loss, 0
                 else:
                     since_best += c.memory_refresh if c.cached else 1
-                    if since_best >= c.patience:
-                        break
+                if since_best >= c.patience or fixed_for >= 2 * c.patience:
+                    break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)

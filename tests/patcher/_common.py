@@ -23,7 +23,7 @@ CLS_KINDS = ["bert", "roberta", "distilbert"]
 GEN_KINDS = ["gpt2", "llama", "bart", "t5", "t5-gated"]
 KINDS = CLS_KINDS + GEN_KINDS
 
-CONFIG = dict(memory_size=2000, max_steps=300)
+CONFIG = dict(memory_size=2000, max_steps=600)
 
 CLS_TEXTS = ["the capital of france is paris", "a river in the north", "the old cat is black"]
 GEN_PAIRS = [
