@@ -389,8 +389,8 @@ class Editor:
                     best_val, since_best = val_loss, 0
                 else:
                     since_best += c.memory_refresh if c.cached else 1
-                if since_best >= c.patience or fixed_for >= 2 * c.patience:
-                    break
+                if z_all < 0 and (since_best >= c.patience or fixed_for >= 2 * c.patience):
+                    break  # never stop early while the neuron still fires on a memory query
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
