@@ -59,6 +59,7 @@ class PatcherConfig(BaseModel):
     max_neurons_per_edit: int = Field(5, ge=1, description="generation: neurons for the first wrong tokens")
     silence_z: float = Field(-2.0, description="stop once every memory pre-activation is below this (ours)")
     patience: int = Field(50, ge=1, description="steps without validation-memory improvement once fixed")
+    fixed_patience: int = Field(500, ge=1, description="at most this many steps after the edit is first fixed (ours)")
     train_on_equivalents: bool = True
     cached: bool = Field(True, description="False: reference-faithful full forward at every step")
     memory_candidates: int = Field(4096, gt=0, description="cached mode: memory rows scored between refreshes")
@@ -381,16 +382,18 @@ class Editor:
                 silent = z_all < c.silence_z and z_val < c.silence_z
                 if silent and firing:
                     break
-                # Early stopping on the validation memory: only a 1% improvement resets patience, and
-                # once fixed an edit trains at most 2 x patience more steps (the exp losses keep
-                # creeping down forever; the margins they buy after that are not worth the time).
+                # Early stopping on the validation memory, counted only while the neuron fires on
+                # its mistake (a fix through the activation's negative side also moves unrelated
+                # inputs). The exp losses can creep down for ever: once fixed, an edit trains at
+                # most `fixed_patience` more steps.
                 fixed_for += c.memory_refresh if c.cached else 1
-                if val_loss < best_val * 0.99:
-                    best_val, since_best = val_loss, 0
-                else:
-                    since_best += c.memory_refresh if c.cached else 1
-                if z_all < 0 and (since_best >= c.patience or fixed_for >= 2 * c.patience):
-                    break  # never stop early while the neuron still fires on a memory query
+                if firing:
+                    if val_loss < best_val - 1e-6:
+                        best_val, since_best = val_loss, 0
+                    else:
+                        since_best += c.memory_refresh if c.cached else 1
+                if since_best >= c.patience or fixed_for >= c.fixed_patience:
+                    break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
