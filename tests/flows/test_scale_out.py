@@ -82,7 +82,9 @@ def test_nightly_deployment_runs_on_a_prefect_server_with_a_process_worker(world
         procs.wait_http(f"{api}/health", server, tmp_path / "server.log", timeout=120)
 
         def cli(*args: str, cwd: Path = procs.REPO) -> str:
-            out = subprocess.run([prefect, "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+            # PATCHFLOW_HOME unset here: `prefect deploy` would resolve the template at deploy time
+            deploy_env = {k: v for k, v in env.items() if k != "PATCHFLOW_HOME"}
+            out = subprocess.run([prefect, "--no-prompt", *args], cwd=cwd, env=deploy_env, capture_output=True, text=True,
                                  timeout=180)
             assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
             return out.stdout
