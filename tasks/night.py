@@ -61,11 +61,6 @@ def night_lock(cfg: ModelConfig):
         handle.close()
 
 
-class ChampionInfo(BaseModel):
-    version: str
-    ledger: list[dict]
-
-
 def _ledger_requests(entries: list[dict]) -> list[EditRequest]:
     return [EditRequest(id=str(e["id"]), input=e["input"], target=e["correction"], equivalents=e.get("equivalents") or [])
             for e in entries if "input" in e and "correction" in e]
