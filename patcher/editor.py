@@ -57,7 +57,8 @@ class PatcherConfig(BaseModel):
     entropy_weight: float = Field(0.1, description="binary classification: edit loss adds -w * entropy")
     label_smoothing: float = Field(0.1, description="generation edit loss")
     max_neurons_per_edit: int = Field(5, ge=1, description="generation: neurons for the first wrong tokens")
-    silence_z: float = Field(-2.0, description="stop once every memory pre-activation is below this (ours)")
+    leak_tol: float = Field(0.05, ge=0, description="stop once fixed and no memory query can get more than this share "
+                            "of the patch's output on its mistake (ours)")
     patience: int = Field(50, ge=1, description="steps without validation-memory improvement once fixed")
     fixed_patience: int = Field(500, ge=1, description="at most this many steps after the edit is first fixed (ours)")
     train_on_equivalents: bool = True
@@ -110,8 +111,10 @@ def _edit_seed(seed: int, edit_id: str) -> int:
 
 
 def _topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
-    k = max(1, min(k, values.shape[0]))
-    return values.topk(k, dim=0).values.mean()
+    """Mean of the k largest entries along dim 0, per column: (N, n) -> (n,)."""
+    if k >= values.shape[0]:
+        return values.mean(0)
+    return values.topk(max(1, k), dim=0).values.mean(0)
 
 
 class Editor:
@@ -133,6 +136,7 @@ class Editor:
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
         self._fingerprint: str | None = None
+        self._env: tuple[torch.Tensor, torch.Tensor] | None = None
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
             isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
             for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
@@ -326,14 +330,53 @@ class Editor:
         if zm.shape[0] == 0:
             return zm.new_zeros(())
         m, k = self.config.memory_margin, self.config.memory_topk
-        l1 = torch.stack([_topk_mean(torch.exp(zm[:, i] - z_edit[i] + m), k) for i in range(zm.shape[1])]).mean()
-        l2 = torch.stack([_topk_mean(torch.exp(zm[:, i] + m), k) for i in range(zm.shape[1])]).mean()
-        return l1 + l2
+        return _topk_mean(torch.exp(zm - z_edit + m), k).mean() + _topk_mean(torch.exp(zm + m), k).mean()
+
+    def _top_memory_z(self, params, candidates: torch.Tensor, z_candidates: torch.Tensor) -> torch.Tensor:
+        """(k, n) pre-activations of each neuron's top-k memory rows, with gradient.
+
+        Both memory terms increase with z, so only each neuron's k highest rows enter the loss:
+        they are picked from ``z_candidates`` (computed without gradient) and only they are
+        recomputed with it (DESIGN §4)."""
+        k = min(self.config.memory_topk, candidates.shape[0])
+        idx = z_candidates.topk(k, dim=0).indices  # (k, n)
+        rows = candidates.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (k, n, d)
+        return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"]
 
     def _act_loss(self, z_rows: torch.Tensor) -> torch.Tensor:
         """z_rows: (R, n) pre-activation of neuron i on the rows' query at its own position."""
         c = self.config
-        return torch.stack([_topk_mean(torch.exp(c.act_margin - z_rows[:, i]), c.act_topk) for i in range(z_rows.shape[1])]).mean()
+        return _topk_mean(torch.exp(c.act_margin - z_rows), c.act_topk).mean()
+
+    def _envelope(self, z: torch.Tensor) -> torch.Tensor:
+        """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
+        if self._env is None:
+            grid = torch.linspace(-30.0, 30.0, 6001, dtype=z.dtype)
+            self._env = (grid, self.ffn.act(grid).abs().cummax(0).values)
+        grid, env = self._env
+        idx = torch.searchsorted(grid, z.contiguous()).clamp(max=len(grid) - 1)
+        return torch.where(z > grid[-1], self.ffn.act(z).abs(), env[idx])
+
+    def _gain(self, params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, n): the most each neuron can pass to each query (up to the value vector): the
+        activation's envelope at its pre-activation, times |up . q| for gated FFNs."""
+        z = queries @ params["key"].T + params["bias"] if z is None else z
+        gain = self._envelope(z)
+        if self.family.gated:
+            gain = gain * (queries @ params["up"].T + params["up_bias"]).abs()
+        return gain
+
+    def leak(self, params, q_edit: torch.Tensor, *memories: torch.Tensor) -> float:
+        """Largest share of a neuron's output on its mistake (``q_edit``: (n, d), one query per
+        neuron) that it can pass to any query of ``memories``; 0 when they are empty."""
+        gains = [self._gain(params, m).max(0).values for m in memories if m.shape[0]]
+        if not gains:
+            return 0.0
+        z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
+        own = self.ffn.act(z_e).abs()
+        if self.family.gated:
+            own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
+        return float((torch.stack(gains).max(0).values / own.clamp_min(1e-12)).max())
 
     def _train(self, params, positions, q, resid, y, all_labels, variants, main) -> tuple[int, dict[str, float]]:
         c = self.config
@@ -342,7 +385,9 @@ class Editor:
         pos = torch.tensor(positions)
         neuron_idx = torch.arange(len(positions))
         memory, val = self.memory, self.val_memory
-        candidates = memory
+        candidates, val_top = memory, val
+        q_edit = q[0, positions]
+        refresh = c.memory_refresh if c.cached else 1
         best_val, since_best, fixed_for, steps = math.inf, 0, 0, 0
         losses: dict[str, float] = {}
         batch_items = [main] * (c.batch_size if self._has_dropout else 1) + variants[1:]
@@ -360,38 +405,42 @@ class Editor:
                     eval_logits, _ = self._faithful_step(params, positions, [main], train=False)
                 fixed_now = bool((eval_logits.argmax(-1) == torch.tensor(main.labels)).all())
             z_edit = z_rows[0]
-            if c.cached and (step % c.memory_refresh == 0) and memory.shape[0] > c.memory_candidates:
+            if c.cached and step % refresh == 0 and memory.shape[0] > c.memory_candidates:
                 with torch.no_grad():
                     scores = (memory @ params["key"].T + params["bias"]).max(-1).values
-                    candidates = memory[scores.topk(c.memory_candidates).indices]
-            zm = candidates @ params["key"].T + params["bias"]
+                    candidates = memory.index_select(0, scores.topk(c.memory_candidates).indices)
+                    if val.shape[0]:
+                        val_top = val.index_select(0, self._gain(params, val).max(-1).values.topk(min(64, val.shape[0])).indices)
+            with torch.no_grad():
+                z_cand = candidates @ params["key"].T + params["bias"]  # (C, n)
             l_edit = self._edit_loss(logits, all_labels)
             l_act = self._act_loss(z_rows)
-            l_mem = self._memory_loss(zm, z_edit)
+            l_mem = self._memory_loss(self._top_memory_z(params, candidates, z_cand), z_edit) if memory.shape[0] else l_edit.new_zeros(())
             loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
             losses = {"edit": float(l_edit.detach()), "activation": float(l_act.detach()), "memory": float(l_mem.detach()),
                       "total": float(loss.detach())}
 
-            if fixed_now and (step % c.memory_refresh == 0 or not c.cached):
+            if fixed_now:
+                # Stop once the patch can pass at most `leak_tol` of its output on the mistake to any
+                # memory or validation query: screened on the candidates (in cached mode also on the
+                # validation memory's rows that were highest at the last refresh), confirmed in full.
                 with torch.no_grad():
-                    z_all = (memory @ params["key"].T + params["bias"]).max().item() if memory.shape[0] else -math.inf
-                    zv = (val @ params["key"].T + params["bias"]) if val.shape[0] else None
-                    z_val = zv.max().item() if zv is not None else -math.inf
-                    val_loss = self._memory_loss(zv, z_edit.detach()).item() if zv is not None else 0.0
-                firing = float(z_edit.detach().min()) > c.act_margin
-                silent = z_all < c.silence_z and z_val < c.silence_z
-                if silent and firing:
-                    break
-                # Early stopping on the validation memory, counted only while the neuron fires on
-                # its mistake (a fix through the activation's negative side also moves unrelated
-                # inputs). The exp losses can creep down for ever: once fixed, an edit trains at
-                # most `fixed_patience` more steps.
-                fixed_for += c.memory_refresh if c.cached else 1
-                if firing:
+                    if self.leak(params, q_edit, candidates, val_top) < c.leak_tol and (
+                            (candidates is memory and val_top is val) or self.leak(params, q_edit, memory, val) < c.leak_tol):
+                        break
+            if fixed_now and step % refresh == 0:
+                # Otherwise early-stop on the validation memory, counted only while the neuron fires
+                # on its mistake; the exp losses can creep down for ever, so once fixed an edit trains
+                # at most `fixed_patience` more steps.
+                ze = z_edit.detach()
+                with torch.no_grad():
+                    val_loss = self._memory_loss(val @ params["key"].T + params["bias"], ze).item()
+                fixed_for += refresh
+                if float(ze.min()) > c.act_margin:
                     if val_loss < best_val - 1e-6:
                         best_val, since_best = val_loss, 0
                     else:
-                        since_best += c.memory_refresh if c.cached else 1
+                        since_best += refresh
                 if since_best >= c.patience or fixed_for >= c.fixed_patience:
                     break
             opt.zero_grad(set_to_none=True)
