@@ -47,6 +47,7 @@ class PatcherConfig(BaseModel):
     weight_decay: float = 0.01
     grad_clip: float = 5.0
     batch_size: int = Field(8, ge=1, description="the edit repeated with dropout on")
+    dropout_rounds: int = Field(4, ge=0, description="cached mode: dropout samples of the batch captured per edit (ours)")
     amplifier: float = 10.0
     act_margin: float = 0.0
     act_topk: int = 5
@@ -270,18 +271,10 @@ class Editor:
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
 
         seed = _edit_seed(self.config.seed, request.id)
-        rows = [cap]
-        if self.config.batch_size > 1 and self._has_dropout:  # without dropout the copies are identical
-            with torch.random.fork_rng():  # dropout masks from the edit's own seed; caller's RNG untouched
-                torch.manual_seed(seed)
-                rows.append(self.capture([main] * (self.config.batch_size - 1), train=True))
-        q = torch.cat([r.q for r in rows]).view(-1, n_pos, self.ffn.d_model)
-        resid = torch.cat([r.resid for r in rows]).view(-1, n_pos, q.shape[-1])
-        y = torch.cat([r.y for r in rows]).view(-1, n_pos, self.ffn.d_out)
-        all_labels = labels.repeat(q.shape[0])
-
-        params = self._init_neurons(q[0, positions], seed)
-        steps, losses = self._train(params, positions, q, resid, y, all_labels, variants, main)
+        batches = self._training_batches(cap, main, variants, n_pos, seed)
+        all_labels = labels.repeat(batches[0][0].shape[0])
+        params = self._init_neurons(cap.q[positions], seed)
+        steps, losses = self._train(params, positions, batches, all_labels, variants, main)
         block = self._block(request.id, params)
         self.ffn.add(block)
         fixed = self.is_correct(request.input, request.target)
@@ -378,7 +371,26 @@ class Editor:
             own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
         return float((torch.stack(gains).max(0).values / own.clamp_min(1e-12)).max())
 
-    def _train(self, params, positions, q, resid, y, all_labels, variants, main) -> tuple[int, dict[str, float]]:
+    def _training_batches(self, cap: Captured, main: Encoded, variants: list[Encoded], n_pos: int, seed: int):
+        """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d).
+
+        Every batch holds the mistake and its paraphrases without dropout. With dropout in the
+        model, each of ``dropout_rounds`` batches adds a dropout sample of the reference's batch
+        (the mistake ``batch_size - 1`` more times, the paraphrases once); steps cycle through
+        them, as the reference draws fresh masks at every step."""
+        c = self.config
+        clean = (cap.q, cap.resid, cap.y)
+        rounds = [clean]
+        if c.cached and self._has_dropout and c.dropout_rounds > 0:
+            noisy = [main] * (c.batch_size - 1) + variants[1:]
+            if noisy:
+                with torch.random.fork_rng():  # masks from the edit's own seed; caller's RNG untouched
+                    torch.manual_seed(seed)
+                    drops = [self.capture(noisy, train=True) for _ in range(c.dropout_rounds)]
+                rounds = [tuple(torch.cat([a, b]) for a, b in zip(clean, (d.q, d.resid, d.y))) for d in drops]
+        return [tuple(t.view(-1, n_pos, t.shape[-1]) for t in r) for r in rounds]
+
+    def _train(self, params, positions, batches, all_labels, variants, main) -> tuple[int, dict[str, float]]:
         c = self.config
         opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay)
         lam = c.memory_weight(self.task)
@@ -386,7 +398,7 @@ class Editor:
         neuron_idx = torch.arange(len(positions))
         memory, val = self.memory, self.val_memory
         candidates, val_top = memory, val
-        q_edit = q[0, positions]
+        q_edit = batches[0][0][0, positions]
         refresh = c.memory_refresh if c.cached else 1
         best_val, since_best, fixed_for, steps = math.inf, 0, 0, 0
         losses: dict[str, float] = {}
@@ -394,6 +406,7 @@ class Editor:
         for step in range(c.max_steps):
             steps = step + 1
             if c.cached:
+                q, resid, y = batches[step % len(batches)]
                 z, delta = self._contribution(params, q)  # (R, J, n), (R, J, d)
                 logits = self._logits_from((y + delta).flatten(0, 1), resid.flatten(0, 1))
                 z_rows = z[:, pos, neuron_idx]
