@@ -47,7 +47,8 @@ class PatcherConfig(BaseModel):
     weight_decay: float = 0.01
     grad_clip: float = 5.0
     batch_size: int = Field(8, ge=1, description="the edit repeated with dropout on")
-    dropout_rounds: int = Field(4, ge=0, description="cached mode: dropout samples of the batch captured per edit (ours)")
+    dropout_rounds: int = Field(0, ge=0, description="cached mode: dropout samples of the batch (paraphrases included) "
+                                "captured per edit; 0: one sample of the edit alone (ours)")
     amplifier: float = 10.0
     act_margin: float = 0.0
     act_topk: int = 5
@@ -381,12 +382,13 @@ class Editor:
         c = self.config
         clean = (cap.q, cap.resid, cap.y)
         rounds = [clean]
-        if c.cached and self._has_dropout and c.dropout_rounds > 0:
-            noisy = [main] * (c.batch_size - 1) + variants[1:]
+        if c.cached and self._has_dropout:
+            # 0 rounds: one dropout sample of the edit alone (the behaviour before dropout_rounds)
+            noisy = [main] * (c.batch_size - 1) + (variants[1:] if c.dropout_rounds > 0 else [])
             if noisy:
                 with torch.random.fork_rng():  # masks from the edit's own seed; caller's RNG untouched
                     torch.manual_seed(seed)
-                    drops = [self.capture(noisy, train=True) for _ in range(c.dropout_rounds)]
+                    drops = [self.capture(noisy, train=True) for _ in range(max(1, c.dropout_rounds))]
                 rounds = [tuple(torch.cat([a, b]) for a, b in zip(clean, (d.q, d.resid, d.y))) for d in drops]
         return [tuple(t.view(-1, n_pos, t.shape[-1]) for t in r) for r in rounds]
 
