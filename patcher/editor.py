@@ -351,11 +351,10 @@ class Editor:
         idx = torch.searchsorted(grid, z.contiguous()).clamp(max=len(grid) - 1)
         return torch.where(z > grid[-1], self.ffn.act(z).abs(), env[idx])
 
-    def _gain(self, params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    def _gain(self, params, queries: torch.Tensor) -> torch.Tensor:
         """(N, n): the most each neuron can pass to each query (up to the value vector): the
         activation's envelope at its pre-activation, times |up . q| for gated FFNs."""
-        z = queries @ params["key"].T + params["bias"] if z is None else z
-        gain = self._envelope(z)
+        gain = self._envelope(queries @ params["key"].T + params["bias"])
         if self.family.gated:
             gain = gain * (queries @ params["up"].T + params["up_bias"]).abs()
         return gain
