@@ -1,14 +1,17 @@
 """Data records shared by ingest, validation, quarantine and the later tasks.
 
-These are the contracts between the parts of patchflow (DESIGN §2): an `ErrorRecord` is a logged
-mistake that passed validation; a `RawRow` is what ingest read before anyone judged it; a
-`QuarantineRow` is a rejected row with every reason it was rejected; a `FileProblem` is a whole
-file that could not be read row by row.
+These are the contracts between the parts of patchflow: an `ErrorRecord` is a logged mistake that
+passed validation; a `RawRow` is what ingest read before anyone judged it; a `QuarantineRow` is a
+rejected row with every reason it was rejected; a `FileProblem` is a whole file that could not be
+read row by row; a `LedgerEntry` is one edit a registered model version contains (its `ledger.json`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -38,7 +41,7 @@ def reason_key(reason: str) -> str:
 
 
 class ErrorRecord(BaseModel):
-    """One validated, logged mistake of a deployed model (DESIGN §2)."""
+    """One validated, logged mistake of a deployed model."""
 
     id: str
     logged_at: datetime
@@ -116,3 +119,40 @@ class QuarantineRow(BaseModel):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+
+class LedgerEntry(BaseModel):
+    """One edit contained in a model version. A version's ledger lists every edit since the base
+    model, so retention (ER) and the memory of later nights cover all of them.
+
+    ``equivalents`` are the paraphrases the patch was trained on; ``heldout_equivalents`` were given
+    by the user but kept out of training, so the gate measures generalisation on wordings the patch
+    never saw.
+    """
+
+    id: str
+    input: str
+    correction: str
+    equivalents: list[str] = Field(default_factory=list)
+    heldout_equivalents: list[str] = Field(default_factory=list)
+    logged_at: datetime | None = None
+    origin: str = ""
+    neurons: int = 0
+    steps: int = 0
+
+
+def write_ledger(path: str | os.PathLike, entries: list[LedgerEntry]) -> Path:
+    """Write a ledger as JSON (a list of entries), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([e.model_dump(mode="json") for e in entries], indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_ledger(path: str | os.PathLike) -> list[LedgerEntry]:
+    """Read a ledger written by `write_ledger`; a missing or malformed file raises."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a ledger is a JSON list of entries")
+    return [LedgerEntry.model_validate(e) for e in data]

