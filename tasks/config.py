@@ -32,8 +32,11 @@ class GateThresholds(BaseModel):
 
     min_success_rate: float = Field(0.95, ge=0, le=1, description="SR on tonight's edits")
     min_edit_retain_rate: float = Field(0.95, ge=0, le=1, description="ER on every edit in the ledger")
-    min_generalization_rate: float = Field(0.0, ge=0, le=1, description="GR on the paraphrases given")
-    max_drawdown: float = Field(0.01, ge=0, le=1, description="1 - TestR on the held-out locality set")
+    min_generalization_rate: float = Field(
+        0.0, ge=0, le=1, description="GR on the held-out paraphrases of tonight's edits (never trained on)")
+    max_drawdown: float = Field(
+        0.01, ge=0, le=1, description="share of the held-out items the parent got right that the candidate gets "
+        "wrong (1 - locality); items the candidate fixes by accident never offset it")
 
 
 class Schedule(BaseModel):
@@ -73,6 +76,13 @@ class ModelConfig(BaseModel):
     tracking_uri: str | None = Field(None, description="default sqlite:///<workdir>/mlflow.db")
     state_url: str | None = Field(None, description="default sqlite:///<workdir>/state.db")
     naive_timestamps: Literal["reject", "utc"] = "reject"
+    max_input_chars: int = Field(4000, gt=0, description="longest input, correction or paraphrase accepted")
+    paraphrase_holdout: float = Field(
+        0.5, ge=0, le=1, description="share of each error's paraphrases kept out of training (rounded up) so the "
+        "gate measures generalisation on wordings the patch never saw; 0 trains on all of them (GR not measured)")
+    device: str = Field("auto", description="where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the dtype the model is loaded (and served) in; auto keeps the saved dtype")
     registry_retries: int = Field(3, ge=1, description="attempts per MLflow call on transient errors (server down)")
     registry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per attempt")
 
