@@ -1,0 +1,410 @@
+"""MLflow access for the registry: one ``MlflowClient``, lookups, aliases, downloads, errors.
+
+Retries are MLflow's own. Over HTTP, MLflow retries every request (urllib3 ``Retry``) as its
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` /
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` settings say; it reads them from the process environment on every
+request. A :class:`RegistryClient` sets them from its ``retries`` / ``backoff_s`` / ``timeout_s``
+only for the duration of its own calls (:func:`mlflow_http_settings`) and puts the previous values
+back afterwards. A call that still cannot reach the store raises :class:`RegistryUnavailable`
+naming the tracking URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import mlflow
+import mlflow.artifacts
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+T = TypeVar("T")
+
+TAG = "patchflow."
+TAG_KIND = TAG + "kind"
+TAG_TASK = TAG + "task"
+TAG_BASE_VERSION = TAG + "base_version"
+TAG_PARENT_VERSION = TAG + "parent_version"
+TAG_PATCH_COUNT = TAG + "patch_count"
+TAG_FLOW_RUN_ID = TAG + "flow_run_id"
+TAG_NIGHT_KEY = TAG + "night_key"
+TAG_FINGERPRINT = TAG + "base_fingerprint"
+TAG_COMPLETE = TAG + "complete"
+TAG_INCOMPLETE = TAG + "incomplete"
+TAG_PREVIOUS_CHAMPION = TAG + "previous_champion"
+TAG_PROMOTED_AT = TAG + "promoted_at"
+TAG_PROMOTION_REASON = TAG + "promotion_reason"
+TAG_ROLLED_BACK_AT = TAG + "rolled_back_at"
+TAG_ROLLBACK_REASON = TAG + "rollback_reason"
+TAG_RETIRED = TAG + "retired"
+TAG_RETIRED_AT = TAG + "retired_at"
+TAG_HISTORY = TAG + "champion_history"
+TAG_REGISTERED_MODEL = TAG + "registered_model"
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+#: MLflow's limit on a registry tag value (SQL stores); longer values are trimmed.
+MAX_TAG_VALUE = 5000
+
+_HTTP_SCHEMES = ("http://", "https://")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation cannot be done; the message names the model / alias / version."""
+
+
+class RegistryUnavailable(RegistryError):
+    """MLflow could not be reached (still failing after MLflow's own bounded retries)."""
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version as patchflow sees it (tags are the ``patchflow.*`` lineage)."""
+
+    name: str
+    version: str
+    kind: str  # "base" | "patch"
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    run_id: str | None
+    model_id: str | None
+    source: str
+    created: datetime
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def patch_count(self) -> int:
+        return int(self.tags.get(TAG_PATCH_COUNT, "0") or 0)
+
+    @property
+    def base_version(self) -> str:
+        return self.tags.get(TAG_BASE_VERSION, "")
+
+    @property
+    def parent_version(self) -> str:
+        return self.tags.get(TAG_PARENT_VERSION, "")
+
+    @property
+    def complete(self) -> bool:
+        return self.tags.get(TAG_COMPLETE) == "true"
+
+    @property
+    def rolled_back(self) -> bool:
+        return bool(self.tags.get(TAG_ROLLED_BACK_AT))
+
+    @property
+    def retired(self) -> bool:
+        return bool(self.tags.get(TAG_RETIRED))
+
+
+def default_tracking_uri(directory: str | Path) -> str:
+    """``sqlite:///<abs dir>/mlflow.db`` — the app's default store (artifacts beside it)."""
+    return f"sqlite:///{(Path(directory).resolve() / 'mlflow.db').as_posix()}"
+
+
+def sqlite_dir(uri: str) -> Path | None:
+    """The folder of a ``sqlite:///`` store's database file, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(rest).resolve().parent
+
+
+def utc_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:100] or "_"
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ``exc`` means the store could not be reached (after MLflow's retries)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    import requests
+
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    if isinstance(exc, MlflowException) and exc.error_code in ("TEMPORARILY_UNAVAILABLE",
+                                                               "REQUEST_LIMIT_EXCEEDED"):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("max retries exceeded", "connection refused", "connection reset",
+                                   "connection aborted", "timed out", "temporarily unavailable",
+                                   "database is locked"))
+
+
+def _cause(exc: BaseException) -> str:
+    """The short reason inside a long urllib3/MLflow message, on one line."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if found:
+        return found.group(0).strip()
+    for marker in ("Connection refused", "Connection reset", "Connection aborted", "Read timed out",
+                   "database is locked", "RemoteDisconnected"):
+        if marker.lower() in text.lower():
+            return marker
+    return text[:200]
+
+
+# MLflow reads its HTTP settings from os.environ per request, so two clients with different
+# settings must not overlap; clients with the same settings share one application of them.
+_settings_lock = threading.Condition()
+_settings_state: dict[str, Any] = {"active": None, "depth": 0, "saved": {}}
+
+
+@contextmanager
+def mlflow_http_settings(values: dict[str, str]) -> Iterator[None]:
+    """Apply MLflow's ``MLFLOW_HTTP_REQUEST_*`` settings for the duration of the block."""
+    state = _settings_state
+    with _settings_lock:
+        _settings_lock.wait_for(lambda: state["depth"] == 0 or state["active"] == values)
+        if state["depth"] == 0:
+            state["saved"] = {k: os.environ.get(k) for k in values}
+            os.environ.update(values)
+            state["active"] = values
+        state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _settings_lock:
+            state["depth"] -= 1
+            if state["depth"] == 0:
+                for key, old in state["saved"].items():
+                    if old is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = old
+                state["active"] = None
+                _settings_lock.notify_all()
+
+
+_fluent_lock = threading.Lock()
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent tracking URI set to ``uri`` for the block, then put back exactly as it was
+    (``mlflow.pyfunc.log_model`` knows no other way to be told where to log)."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _fluent_lock:
+        saved_global, saved_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_global)
+            if saved_env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+class RegistryClient:
+    """patchflow's handle on one MLflow tracking store + model registry (no fluent globals).
+
+    ``retries``: attempts per HTTP request (MLflow retries ``retries - 1`` times);
+    ``backoff_s``: MLflow's backoff factor (whole seconds, rounded up: urllib3 retries once at
+    once, then waits factor x 2^(n-1) s plus up to ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER`` s);
+    ``timeout_s``: per-request connect/read timeout (None keeps MLflow's setting, 120 s).
+    ``artifact_root``: where new experiments keep artifacts (default ``<db dir>/mlartifacts`` for a
+    SQLite store, else the server's default). ``cache_dir``: downloaded bases and patch sets
+    (default ``<db dir>/cache`` for SQLite, else ``~/.cache/patchflow``).
+    """
+
+    def __init__(self, tracking_uri: str, registry_uri: str | None = None, *,
+                 artifact_root: str | Path | None = None, cache_dir: str | Path | None = None,
+                 retries: int = 3, backoff_s: float = 0.5, timeout_s: int | None = None) -> None:
+        if not 1 <= int(retries) <= 11:
+            raise ValueError(f"retries must be 1..11 (MLflow allows at most 10 retries), not {retries}")
+        self.tracking_uri = tracking_uri
+        self.registry_uri = registry_uri or tracking_uri
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        db_dir = sqlite_dir(tracking_uri)
+        if artifact_root is None and db_dir is not None:
+            artifact_root = db_dir / "mlartifacts"
+        self.artifact_root = artifact_root
+        if cache_dir is None:
+            cache_dir = (db_dir / "cache") if db_dir is not None else Path.home() / ".cache" / "patchflow"
+        self.cache_dir = Path(cache_dir)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.http_settings = {
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.retries - 1),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(math.ceil(max(0.0, self.backoff_s))),
+        }
+        if timeout_s is not None:
+            self.http_settings["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+
+    # ------------------------------------------------------------------ calls
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """One MLflow call under this client's HTTP settings; unreachable -> RegistryUnavailable."""
+        try:
+            with mlflow_http_settings(self.http_settings):
+                return fn(*args, **kwargs)
+        except RegistryError:
+            raise
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            attempts = self.retries if self.tracking_uri.startswith(_HTTP_SCHEMES) else 1
+            raise RegistryUnavailable(
+                f"MLflow at {self.tracking_uri} is unreachable: {getattr(fn, '__name__', 'call')} "
+                f"failed {attempts} time(s) ({_cause(exc)})") from exc
+
+    @contextmanager
+    def fluent(self) -> Iterator[None]:
+        """For MLflow APIs that only use the fluent tracking URI (``mlflow.pyfunc.log_model``)."""
+        with fluent_tracking_uri(self.tracking_uri):
+            yield
+
+    def download(self, uri: str, dst: Path) -> Path:
+        return Path(self.call(mlflow.artifacts.download_artifacts, artifact_uri=uri, dst_path=str(dst),
+                              tracking_uri=self.tracking_uri, registry_uri=self.registry_uri))
+
+    # ------------------------------------------------------------------ lookups
+
+    def registered_model(self, name: str):
+        try:
+            return self.call(self.client.get_registered_model, name)
+        except MlflowException as exc:
+            if is_not_found(exc):
+                raise RegistryError(f"unknown registered model {name!r}") from exc
+            raise
+
+    def ensure_registered_model(self, name: str, task: str):
+        try:
+            return self.call(self.client.get_registered_model, name)
+        except MlflowException as exc:
+            if not is_not_found(exc):
+                raise
+        try:
+            return self.call(self.client.create_registered_model, name, tags={TAG_TASK: task},
+                             description=f"patchflow-maintained model ({task}); version 1 is the base.")
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+                return self.call(self.client.get_registered_model, name)
+            raise
+
+    def experiment_id(self, name: str) -> str:
+        """The experiment ``patchflow-<name>`` (created on first use)."""
+        exp_name = f"patchflow-{name}"
+        exp = self.call(self.client.get_experiment_by_name, exp_name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.artifact_root is not None:
+            root = str(self.artifact_root)
+            if "://" in root:
+                location = f"{root.rstrip('/')}/{safe_name(name)}"
+            else:
+                location = (Path(root).resolve() / safe_name(name)).as_uri()
+        try:
+            return self.call(self.client.create_experiment, exp_name, artifact_location=location,
+                             tags={TAG_REGISTERED_MODEL: name})
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+                return self.call(self.client.get_experiment_by_name, exp_name).experiment_id
+            raise
+
+    def versions(self, name: str) -> list:
+        """Every version of ``name``, oldest first (search results carry tags, not aliases)."""
+        escaped = name.replace("'", "\\'")
+        mvs = self.call(self.client.search_model_versions, f"name='{escaped}'")
+        return sorted(mvs, key=lambda mv: int(mv.version))
+
+    def get_version(self, name: str, version: str):
+        try:
+            return self.call(self.client.get_model_version, name, str(version))
+        except MlflowException as exc:
+            if is_not_found(exc):
+                raise RegistryError(f"model {name!r} has no version {version!r}") from exc
+            raise
+
+    def alias_version(self, name: str, alias: str):
+        """The version behind ``alias``, or None when the alias is not set."""
+        try:
+            return self.call(self.client.get_model_version_by_alias, name, alias)
+        except MlflowException as exc:
+            if is_not_found(exc) or "alias" in str(exc).lower():
+                return None
+            raise
+
+    def resolve(self, name: str, alias_or_version: str | int):
+        ref = str(alias_or_version)
+        self.registered_model(name)
+        if ref.isdigit():
+            return self.get_version(name, ref)
+        mv = self.alias_version(name, ref)
+        if mv is None:
+            raise RegistryError(f"model {name!r} has no alias {ref!r}")
+        return mv
+
+    def aliases_by_version(self, name: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for alias, version in (getattr(self.registered_model(name), "aliases", None) or {}).items():
+            out.setdefault(str(version), []).append(alias)
+        return out
+
+    @staticmethod
+    def to_info(mv, aliases_by_version: dict[str, list[str]] | None = None) -> ModelVersionInfo:
+        tags = dict(mv.tags or {})
+        if aliases_by_version is None:
+            aliases = getattr(mv, "aliases", None) or []
+        else:
+            aliases = aliases_by_version.get(str(mv.version), [])
+        return ModelVersionInfo(
+            name=mv.name, version=str(mv.version), kind=tags.get(TAG_KIND, "unknown"),
+            aliases=tuple(sorted(aliases)), tags=tags, run_id=mv.run_id or None,
+            model_id=getattr(mv, "model_id", None) or None, source=mv.source,
+            created=datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, tz=timezone.utc),
+        )
+
+    def info(self, name: str, alias_or_version: str | int) -> ModelVersionInfo:
+        """The version behind an alias or a version number."""
+        return self.to_info(self.resolve(name, alias_or_version))
+
+    def all_infos(self, name: str) -> dict[str, ModelVersionInfo]:
+        """version -> info for every version, aliases included (two store calls)."""
+        aliased = self.aliases_by_version(name)
+        return {str(mv.version): self.to_info(mv, aliased) for mv in self.versions(name)}
+
+    # ------------------------------------------------------------------ writes used by several modules
+
+    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        self.call(self.client.set_model_version_tag, name, str(version), key, value[:MAX_TAG_VALUE])
+
+    def _create_version(self, name: str, logged_model, run_id: str, tags: dict[str, str]):
+        """``create_model_version`` for a logged model (one place, so tests can inject a fault)."""
+        return self.call(self.client.create_model_version, name, source=logged_model.artifact_location,
+                         run_id=run_id, tags=tags, model_id=logged_model.model_id)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        try:
+            self.call(self.client.set_terminated, run_id, status)
+        except Exception:  # best effort: a run left RUNNING is cosmetic
+            pass
