@@ -1,7 +1,8 @@
-"""Patch sets (save/load/apply), removing edits, and folding, on every family."""
+"""Patch sets (save/load/apply, the manifest, atomic saves), removing edits, and folding, on every family."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from patcher import Editor, PatchedFFN, PatchedLinear, PatchError, PatchSet, fingerprint
+from patcher import (Editor, PatchBlock, PatchedFFN, PatchedLinear, PatchError, PatchManifest, PatchSet, fingerprint,
+                     load_model, resolve_device, resolve_dtype)
 from patcher.families import get_path, resolve_family
 from tests import tiny
 from tests.patcher import _common as C
@@ -57,12 +59,17 @@ def test_patch_set_format(kind, tmp_path):
     assert manifest["neurons"] == sum(r.neurons for r in s.results)
     assert manifest["hyperparameters"] == s.editor.config.model_dump()
     assert {"library_version", "created_at"} <= set(manifest)
+    ffn = s.editor.ffn
+    assert (manifest["d_model"], manifest["d_out"]) == (ffn.d_model, ffn.d_out)
+    assert manifest["base_dtype"] == "torch.float32"
+    typed = PatchSet.load(path).manifest
+    assert isinstance(typed, PatchManifest) and typed.edit_ids == ["e1", "e2", "e3"]
+    assert typed.base_fingerprint == manifest["base_fingerprint"] and typed.neurons == manifest["neurons"]
     tensors = load_file(str(path / "patches.safetensors"))
     n_in = len(family.ffn_in)
     expected = {f"edit{i}.{name}" for i in range(3) for name in
                 [f"in{j}.{w}" for j in range(n_in) for w in ("weight", "bias")] + ["out.weight"]}
     assert set(tensors) == expected
-    ffn = s.editor.ffn
     for i, result in enumerate(s.results):
         assert tensors[f"edit{i}.in0.weight"].shape == (result.neurons, ffn.d_model)
         assert tensors[f"edit{i}.in0.bias"].shape == (result.neurons,)
@@ -125,7 +132,7 @@ def test_empty_patch_set_round_trips(tmp_path):
     model, tok = _fresh("gpt2")
     editor = Editor(model, tok, C.config())
     loaded = PatchSet.load(editor.patch_set().save(tmp_path))
-    assert len(loaded) == 0 and loaded.manifest["neurons"] == 0
+    assert len(loaded) == 0 and loaded.manifest.neurons == 0 and loaded.manifest.edits == []
     fresh, _ = _fresh("gpt2")
     loaded.apply(fresh)
     assert torch.equal(C.logits(fresh, tok), C.logits(model, tok))
@@ -209,3 +216,218 @@ def test_folded_model_serves_and_saves_state(tmp_path):
     model, tok = _fresh("bert")
     editor = Editor(model, tok, C.config())
     torch.testing.assert_close(C.logits(editor.folded(), tok), s.logits[0], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- the manifest
+def _handmade(kind: str, seed: int = 0, dtype=torch.float32, ids=("a", "b"), neurons=(2, 1), model=None):
+    """A tiny model carrying hand-made patch blocks (fp32 masters) strong enough to move its logits."""
+    if model is None:
+        model, tok = _fresh(kind)
+        model = model.to(dtype)
+    family = resolve_family(model)
+    ffn = PatchedFFN.of(model, family)
+    gen = torch.Generator().manual_seed(seed)
+    for edit_id, n in zip(ids, neurons):
+        keys = [torch.randn(n, ffn.d_model, generator=gen) for _ in family.ffn_in]
+        biases = [torch.full((n,), 2.0) for _ in family.ffn_in]
+        ffn.add(PatchBlock(edit_id, keys, biases, 5.0 * torch.randn(n, ffn.d_out, generator=gen), {}))
+    return model
+
+
+def test_manifest_written_by_the_previous_code_still_loads(tmp_path):
+    """A manifest as the untyped code wrote it (no d_model/d_out/base_dtype, meta flattened into
+    each edit) loads, keeps its metadata, and saves back in the same shape."""
+    model = _handmade("gpt2")
+    PatchSet.from_model(model).save(tmp_path / "new")
+    old = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    for key in ("d_model", "d_out", "base_dtype"):
+        del old[key]
+    old["created_at"] = "2026-11-20T02:00:00.123456+00:00"
+    old["edits"][0]["source"] = "ticket-7"
+    old["night"] = "2026-11-20"  # an `extra` field
+    (tmp_path / "new" / "manifest.json").write_text(json.dumps(old, indent=2, sort_keys=True))
+    loaded = PatchSet.load(tmp_path / "new")
+    assert loaded.edit_ids == ["a", "b"] and loaded.manifest.d_model is None
+    assert loaded.manifest.edits[0].meta == {"source": "ticket-7"} and loaded.blocks[0].meta == {"source": "ticket-7"}
+    assert loaded.manifest.model_extra == {"night": "2026-11-20"}
+    resaved = json.loads((loaded.save(tmp_path / "again") / "manifest.json").read_text())
+    assert resaved["edits"][0] == {"id": "a", "neurons": 2, "source": "ticket-7"} and resaved["night"] == "2026-11-20"
+    fresh, tok = _fresh("gpt2")
+    loaded.apply(fresh)
+    assert torch.equal(C.logits(fresh, tok), C.logits(model, tok))
+    with pytest.warns(DeprecationWarning):  # the transitional dict-style access still answers
+        assert loaded.manifest["edits"][0].get("id") == "a" and loaded.manifest.get("neurons") == 3
+
+
+def _tensors(path):
+    return load_file(str(path / "patches.safetensors"))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("extra tensor", "does not describe"),
+    ("extra projection", "does not describe"),
+    ("wrong neurons", "has shape"),
+    ("wrong width", "has shape"),
+    ("missing", "lacks tensor"),
+    ("not float", "not a float tensor"),
+])
+def test_load_checks_tensors_against_the_manifest(tmp_path, case, match):
+    path = PatchSet.from_model(_handmade("llama")).save(tmp_path / "ps")
+    tensors = _tensors(path)
+    if case == "extra tensor":
+        tensors["edit2.out.weight"] = tensors["edit1.out.weight"].clone()
+    elif case == "extra projection":
+        tensors["edit0.in2.bias"] = tensors["edit0.in1.bias"].clone()
+    elif case == "wrong neurons":  # edit a has 2 neurons: give it one in every tensor (consistent, but not 2)
+        for name in [k for k in tensors if k.startswith("edit0.")]:
+            tensors[name] = tensors[name][:1].clone()
+    elif case == "wrong width":
+        tensors["edit1.out.weight"] = torch.zeros(1, 7)
+    elif case == "missing":
+        del tensors["edit1.in1.bias"]
+    else:
+        tensors["edit0.in0.bias"] = tensors["edit0.in0.bias"].to(torch.int64)
+    save_file(tensors, str(path / "patches.safetensors"))
+    with pytest.raises(PatchError, match=match):
+        PatchSet.load(path)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"edits": "swap"}, "duplicate edit ids"),
+    ({"neurons": 4}, "neurons is 4 but the edits add up to 3"),
+    ({"edits": "drop"}, "neurons is 3 but the edits add up to 2"),
+    ({"base_fingerprint": None}, "base_fingerprint"),
+])
+def test_load_checks_the_manifest_itself(tmp_path, edit, match):
+    path = PatchSet.from_model(_handmade("bert")).save(tmp_path / "ps")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if edit.get("edits") == "swap":
+        manifest["edits"][1]["id"] = manifest["edits"][0]["id"]
+    elif edit.get("edits") == "drop":
+        manifest["edits"] = manifest["edits"][:1]
+    else:
+        manifest.update(edit)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PatchError, match=match):
+        PatchSet.load(path)
+
+
+def test_a_crash_while_saving_leaves_the_previous_patch_set_whole(tmp_path, monkeypatch):
+    """Inject a crash between the tensors and the manifest: the folder still holds the previous
+    patch set, tensors and manifest together, and no temporary folder is left behind."""
+    path = tmp_path / "ps"
+    PatchSet.from_model(_handmade("gpt2", seed=0)).save(path)
+    before = _tensors(path)
+    manifest_before = (path / "manifest.json").read_text()
+    newer = PatchSet.from_model(_handmade("gpt2", seed=1, ids=("c",), neurons=(3,)))
+    real_write_text = type(path).write_text
+
+    def crash_on_manifest(self, *args, **kwargs):
+        if self.name == "manifest.json":
+            raise OSError("disk full (injected)")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(path), "write_text", crash_on_manifest)
+    with pytest.raises(OSError, match="injected"):
+        newer.save(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ps"]
+    assert (path / "manifest.json").read_text() == manifest_before
+    loaded = PatchSet.load(path)
+    assert loaded.edit_ids == ["a", "b"]
+    after = _tensors(path)
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    newer.save(path)  # and a save that completes replaces it whole
+    assert PatchSet.load(path).edit_ids == ["c"] and set(_tensors(path)) == {"edit0.in0.weight", "edit0.in0.bias", "edit0.out.weight"}
+
+
+def test_save_refuses_a_folder_with_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(PatchError, match="holds other files"):
+        PatchSet.from_model(_handmade("bert")).save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and not (tmp_path / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------------------- load_model, device, dtype
+def _saved_base(kind: str, folder):
+    model, tok = _fresh(kind)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_load_model_refuses_what_is_not_a_safetensors_model(tmp_path):
+    with pytest.raises(PatchError, match="no config.json"):
+        load_model(tmp_path)
+    folder = _saved_base("bert", tmp_path / "m")
+    for weights in folder.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(PatchError, match="no .safetensors weights"):
+        load_model(folder)
+
+
+def test_load_model_device_and_dtype(tmp_path):
+    folder = _saved_base("llama", tmp_path / "m")
+    model, tok = load_model(folder, device="cpu")
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    model, _ = load_model(folder, dtype="bfloat16", device="auto")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {auto} and not model.training
+    assert resolve_dtype(None) is None and resolve_dtype("auto") is None and resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(PatchError, match="unknown dtype 'int8'"):
+        load_model(folder, dtype="int8")
+    with pytest.raises(PatchError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(PatchError, match="CUDA is not available"):
+            load_model(folder, device="cuda")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "t5-gated"])
+def test_bf16_apply_save_load_remove_fold(kind, tmp_path):
+    """A bf16 model: hand-made fp32 patches apply in bf16, survive save/load bit for bit, come out
+    exactly with remove, and fold into bf16 layers with the same outputs to bf16 rounding."""
+    folder = _saved_base(kind, tmp_path / "base")
+    base, tok = load_model(folder, dtype=torch.bfloat16, device="cpu")
+    base_logits = C.logits(base, tok)
+    patched = _handmade(kind, model=load_model(folder, dtype=torch.bfloat16, device="cpu")[0])
+    patched_logits = C.logits(patched, tok)
+    assert patched_logits.dtype == torch.bfloat16 and not torch.equal(patched_logits, base_logits)
+    ffn = PatchedFFN.find(patched)
+    assert ffn.out.extra_weight.dtype == torch.bfloat16 and ffn.blocks[0].out_weight.dtype == torch.float32
+
+    patch_set = PatchSet.from_model(patched)
+    assert patch_set.manifest.base_dtype == "torch.bfloat16"
+    loaded = PatchSet.load(patch_set.save(tmp_path / "ps"))
+    assert loaded.blocks[0].out_weight.dtype == torch.float32  # the masters keep their precision
+    fresh, _ = load_model(folder, dtype="bf16", device="cpu")
+    loaded.apply(fresh)
+    assert torch.equal(C.logits(fresh, tok), patched_logits)
+
+    folded = Editor(copy.deepcopy(fresh), tok, C.config()).folded()
+    assert {p.dtype for p in folded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(C.logits(folded, tok).float(), patched_logits.float(), atol=0.1, rtol=0.05)
+    editor = Editor(fresh, tok, C.config())
+    editor.remove("b")
+    editor.remove("a")
+    assert torch.equal(C.logits(fresh, tok), base_logits)
+
+    fp32, _ = load_model(folder, dtype="float32", device="cpu")
+    with pytest.raises(PatchError, match="trained on the base in torch.bfloat16, this model is torch.float32"):
+        loaded.apply(fp32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_apply_puts_the_patches_on_the_model_device(kind):
+    """Every patch tensor follows the model to its device (here `meta`, which any CPU tensor left
+    behind would not match)."""
+    patch_set = PatchSet.from_model(_handmade(kind))
+    model, _ = _fresh(kind)
+    model.to("meta")
+    patch_set.apply(model, check_base=False)
+    ffn = PatchedFFN.find(model)
+    tensors = [t for b in ffn.blocks for t in (*b.in_weight, *b.in_bias, b.out_weight)]
+    tensors += [m.extra_weight for m in (*ffn.ins, ffn.out)] + [m.extra_bias for m in ffn.ins]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
+    assert {t.device.type for b in patch_set.blocks for t in (b.out_weight, *b.in_weight)} == {"cpu"}  # not moved
