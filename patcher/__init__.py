@@ -10,11 +10,15 @@ from .editor import EditRequest, EditResult, Editor, PatcherConfig
 from .errors import PatchError, UnsupportedModelError
 from .families import FAMILIES, Family, resolve_family
 from .layer import PatchBlock, PatchedFFN, PatchedLinear
-from .patchset import PatchSet, fingerprint, load_model
-from .predict import predict, predicted_labels, target_correct
+from .loading import load_model, resolve_device, resolve_dtype
+from .manifest import PatchEntry, PatchManifest
+from .metrics import Locality, locality, net_ratio
+from .patchset import PatchSet, fingerprint
+from .predict import predict, predicted_labels, served_correct, served_match, target_correct
 
 __all__ = [
-    "Editor", "EditRequest", "EditResult", "PatcherConfig", "PatchSet", "PatchBlock", "PatchedFFN",
-    "PatchedLinear", "PatchError", "UnsupportedModelError", "FAMILIES", "Family", "resolve_family",
-    "fingerprint", "load_model", "predict", "predicted_labels", "target_correct", "metrics",
+    "Editor", "EditRequest", "EditResult", "PatcherConfig", "PatchSet", "PatchManifest", "PatchEntry", "PatchBlock",
+    "PatchedFFN", "PatchedLinear", "PatchError", "UnsupportedModelError", "FAMILIES", "Family", "resolve_family",
+    "fingerprint", "load_model", "resolve_device", "resolve_dtype", "predict", "predicted_labels", "served_correct",
+    "served_match", "target_correct", "metrics", "Locality", "locality", "net_ratio",
 ]
