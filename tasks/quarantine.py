@@ -1,7 +1,9 @@
 """The quarantine: every rejected row with the reasons it was rejected, kept forever.
 
 Append-only by design: a row is never updated or deleted here, so the quarantine is an audit log
-of what the nightly flows refused and why. Same database as the state store by default.
+of what the nightly flows refused and why. Same database as the state store by default (SQLite;
+PostgreSQL in production, whose text columns cannot hold NUL: it is stored as its escape ``\\x00``,
+as `safe_text` stores lone surrogates).
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ class QuarantineStore:
             {
                 "model": row.model,
                 "run_id": row.run_id,
-                "origin": row.origin,
-                "record_id": row.record_id,
-                "raw": row.raw,
+                "origin": _storable(row.origin),
+                "record_id": None if row.record_id is None else _storable(row.record_id),
+                "raw": _storable(row.raw),
                 "reasons": json.dumps(row.reasons, ensure_ascii=False),
                 "quarantined_at": row.quarantined_at,
             }
@@ -132,6 +134,11 @@ class QuarantineStore:
     def close(self) -> None:
         """Release the connection pool."""
         self._engine.dispose()
+
+
+def _storable(text: str) -> str:
+    """Text any SQL backend stores: NUL becomes its backslash escape."""
+    return text.replace("\x00", "\\x00")
 
 
 def _to_row(record: sa.RowMapping) -> QuarantineRow:

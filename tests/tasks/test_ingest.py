@@ -69,22 +69,6 @@ def test_source_config_requires_path_or_table() -> None:
     assert SourceConfig(kind="sql", table="errors").url.startswith("sqlite:///")
 
 
-def test_state_store_roundtrip_history_and_durability(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'nested' / 'dir' / 'state.db'}"
-    store = StateStore(url)
-    assert store.get_watermark(MODEL) is None
-    store.commit_watermark(MODEL, {"kind": "files", "files": {"a": 1}}, run_id="run-1")
-    store.commit_watermark(MODEL, {"kind": "files", "files": {"a": 2}}, run_id="run-2")
-    store.commit_watermark("other", {"kind": "sql"}, run_id="run-3")
-    store.close()
-
-    reopened = StateStore(url)  # a new process sees what was committed
-    assert reopened.get_watermark(MODEL) == {"kind": "files", "files": {"a": 2}}
-    assert reopened.get_watermark("other") == {"kind": "sql"}
-    assert [h["run_id"] for h in reopened.history(MODEL)] == ["run-1", "run-2"]
-    reopened.close()
-
-
 def test_cursor_values_roundtrip() -> None:
     moment = datetime(2025, 1, 1, 10, tzinfo=timezone.utc)
     for value in (moment, "2025-01-01 10:00:00", 17, 1.5, b"\x00\xff"):
@@ -599,3 +583,63 @@ def test_sql_cursor_column_reads_late_rows(tmp_path: Path, state: StateStore) ->
 def test_sql_lookback_reads_late_rows_once(tmp_path: Path, state: StateStore) -> None:
     url, table = text_stamp_db(tmp_path)
     late_rows_scenario(url, table, SourceConfig(kind="sql", url=url, table="errors", lookback=86400), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The production stack: the error table and the state store on a real PostgreSQL
+# ---------------------------------------------------------------------------------------------
+
+
+def pg_errors(postgres, name: str, logged_at: sa.types.TypeEngine) -> tuple[str, sa.Table]:
+    from tests.conftest import sqlalchemy_url
+
+    url = sqlalchemy_url(postgres(name))
+    table = sa.Table(
+        "errors", sa.MetaData(),
+        sa.Column("ingested_seq", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("id", sa.Text), sa.Column("logged_at", logged_at),
+        sa.Column("input", sa.Text), sa.Column("correction", sa.Text),
+    )
+    engine = sa.create_engine(url)
+    table.metadata.drop_all(engine)
+    table.metadata.create_all(engine)
+    engine.dispose()
+    return url, table
+
+
+@pytest.mark.parametrize("kind", ["timestamptz", "text"])
+def test_postgres_late_rows_by_logged_at_lookback(postgres, kind: str) -> None:
+    column = sa.DateTime(timezone=True) if kind == "timestamptz" else sa.Text()
+    url, table = pg_errors(postgres, f"late_{kind}", column)
+    state = StateStore(url)  # the state store in the same PostgreSQL
+    late_rows_scenario(url, table, SourceConfig(kind="sql", url=url, table="errors", lookback=86400), state)
+    state.close()
+
+
+def test_postgres_row_committed_after_the_night_with_a_lower_key(postgres) -> None:
+    """A sequence value is taken at insert, the row is visible at commit: a transaction that
+    inserted before the night read but committed after it has a key below the cursor."""
+    url, table = pg_errors(postgres, "late_commit", sa.Text())
+    state = StateStore(url)
+    source = SourceConfig(kind="sql", url=url, table="errors", cursor_column="ingested_seq", lookback=1000)
+    engine = sa.create_engine(url)
+    slow = engine.connect()
+    slow_tx = slow.begin()
+    slow.execute(sa.insert(table).values(id="slow", logged_at="2025-01-01T10:00:00Z", input="in slow",
+                                         correction="positive"))
+    insert(url, table, [{"id": "fast", "logged_at": "2025-01-01T10:00:01Z", "input": "in fast", "correction": "positive"}])
+    first = ingest(source, state, MODEL)
+    assert ids(first) == ["fast"]
+    commit(state, first, "n1")
+    # the same nights without a look-back: the late row is lost (what the look-back is for)
+    lossy = SourceConfig(kind="sql", url=url, table="errors", cursor_column="ingested_seq")
+    state.commit_watermark("lossy", ingest(lossy, state, "lossy").pending_watermark, run_id="n1")
+    slow_tx.commit()
+    slow.close()
+    second = ingest(source, state, MODEL)
+    assert ids(second) == ["slow"]
+    commit(state, second, "n2")
+    assert ingest(source, state, MODEL).rows == []
+    assert ingest(lossy, state, "lossy").rows == []
+    engine.dispose()
+    state.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,9 +32,20 @@ def qrow(n: int, model: str = "sentiment", run_id: str = "run-1", **extra: objec
     return QuarantineRow(**values)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path: Path) -> str:
+    """The quarantine on SQLite (the default) and on a real PostgreSQL (production)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'state.db'}"
+    from tests.conftest import sqlalchemy_url
+
+    name = "q_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return sqlalchemy_url(request.getfixturevalue("postgres")(name))
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> QuarantineStore:
-    quarantine = QuarantineStore(f"sqlite:///{tmp_path / 'db' / 'state.db'}")
+def store(store_url: str) -> QuarantineStore:
+    quarantine = QuarantineStore(store_url)
     yield quarantine
     quarantine.close()
 
@@ -55,8 +67,8 @@ def test_filters_by_model_and_run(store: QuarantineStore) -> None:
     assert store.count(model="other") == 1 and store.count(model="nobody") == 0
 
 
-def test_append_only_and_durable(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+def test_append_only_and_durable(store_url: str) -> None:
+    url = store_url
     first = QuarantineStore(url)
     first.add([qrow(1)])
     first.add([qrow(1)])  # the same row twice (two nights) is kept twice: it is a log
@@ -66,8 +78,8 @@ def test_append_only_and_durable(tmp_path: Path) -> None:
     second.close()
 
 
-def test_shares_a_database_with_the_state_store(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_shares_a_database_with_the_state_store(store_url: str) -> None:
+    url = store_url
     state, quarantine = StateStore(url), QuarantineStore(url)
     state.commit_watermark("m", {"kind": "files", "files": {}}, run_id="r")
     quarantine.add([qrow(1, model="m")])
@@ -80,7 +92,16 @@ def test_awkward_raw_content_is_stored_whole(store: QuarantineStore) -> None:
     nasty = 'nul\x00 bell\x07 latin1 \\xe9 lone \ud800 emoji \U0001F600 "quotes"\nnewline'
     store.add([qrow(1, raw=nasty)])
     stored = store.list()[0].raw
-    assert stored == nasty.replace("\ud800", "\\ud800")  # surrogate escaped, everything else kept
+    # lone surrogates and NUL (PostgreSQL text cannot hold it) escaped, everything else kept
+    assert stored == nasty.replace("\ud800", "\\ud800").replace("\x00", "\\x00")
+
+
+def test_nul_in_every_field_is_stored(store: QuarantineStore) -> None:
+    row = qrow(1, origin="f.jsonl:1", record_id="a\x00b", raw="x\x00y", reasons=["invalid_json: \x00 at 1"])
+    store.add([row])
+    stored = store.list()[0]
+    assert (stored.record_id, stored.raw) == ("a\\x00b", "x\\x00y")
+    assert stored.reasons == row.reasons  # stored as JSON, which escapes NUL itself
 
 
 def test_export_jsonl_and_csv(store: QuarantineStore, tmp_path: Path) -> None:
