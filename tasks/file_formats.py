@@ -22,6 +22,8 @@ TEXT_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".csv")
 FILE_SUFFIXES: tuple[str, ...] = (*TEXT_SUFFIXES, ".parquet")
 _BINARY_SNIFF_BYTES = 8192
 _BOM = b"\xef\xbb\xbf"
+# NUL stands in as a lone surrogate while the csv module reads (before 3.11 it rejects NUL).
+_NUL_STAND_IN = "\udc00"
 
 
 class FileRead(BaseModel):
@@ -137,16 +139,17 @@ def parse_json_line(origin: str, line: bytes) -> RawRow:
 def parse_csv(path: Path, data: bytes) -> FileRead:
     """CSV with a header row. Empty cells mean "absent"; ragged records come back as problems.
 
-    Decoded with surrogateescape so one non-UTF-8 record does not spoil the whole file.
+    Decoded with surrogateescape so one non-UTF-8 record does not spoil the whole file; a NUL
+    is kept in its cell (validation rejects it), on every Python version.
     """
-    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff").replace("\x00", _NUL_STAND_IN)
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[RawRow] = []
     try:
         header = next(reader, None)
         if header is None:
             return FileRead()
-        header = [h.strip() for h in header]
+        header = [h.strip().replace(_NUL_STAND_IN, "\x00") for h in header]
         if _has_surrogates("".join(header)):
             return FileRead(problem="file_not_utf8: the CSV header is not UTF-8")
         start = reader.line_num + 1
@@ -168,7 +171,8 @@ def _has_surrogates(text: str) -> bool:
 def _csv_row(origin: str, header: list[str], record: list[str]) -> RawRow:
     out = io.StringIO()
     csv.writer(out, lineterminator="").writerow(record)
-    raw_text = out.getvalue()
+    raw_text = out.getvalue().replace(_NUL_STAND_IN, "\x00")
+    record = [cell.replace(_NUL_STAND_IN, "\x00") for cell in record]
     raw = raw_text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if _has_surrogates(raw_text):
         return RawRow(origin=origin, data=None, raw=raw, problem="not_utf8: the record is not UTF-8")

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import shutil
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -507,3 +508,46 @@ def test_check_edit_that_raises_quarantines_the_row_not_the_night() -> None:
     result = validate([raw(1, input="boom goes the row"), raw(2)], make_ctx(check_edit=broken))
     assert [r.id for r in result.accepted] == ["id-2"]
     assert result.quarantined[0].reasons == ["unpatchable: RuntimeError: encoder exploded"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input that takes several nights (tests/data/bad_inputs/scenarios.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_corpus_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"bad_inputs_{name}", CORPUS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module
+    spec.loader.exec_module(module)
+    return module
+
+
+SCENARIOS = load_corpus_module("scenarios").scenarios()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_bad_input_scenarios(tmp_path: Path, scenario: Any) -> None:
+    """Every row read ends accepted or quarantined with a reason, each night; after the last
+    night nothing is read again."""
+    corpus_row = load_corpus_module("generate").row
+    make = lambda key: corpus_row(key, id=key)  # noqa: E731
+    target = tmp_path / ("errors.db" if scenario.source["kind"] == "sql" else "log")
+    if scenario.source["kind"] == "sql":
+        source = SourceConfig(url=f"sqlite:///{target}", **scenario.source)
+    else:
+        target.mkdir()
+        source = SourceConfig(path=target, **scenario.source)
+    state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    for number, night in enumerate(scenario.nights, start=1):
+        night.act(target, make)
+        batch = ingest(source, state, "sentiment")
+        result = validate(batch.rows, make_ctx(run_id=f"night-{number}"))
+        got = (batch.rows_read, len(result.accepted), len(result.quarantined))
+        assert got == (night.read, night.accepted, night.quarantined), (number, [q.reasons for q in result.quarantined])
+        assert batch.rows_read == len(result.accepted) + len(result.quarantined) and not batch.file_problems
+        assert all(q.reasons for q in result.quarantined)
+        state.commit_watermark("sentiment", batch.pending_watermark, run_id=f"night-{number}")
+    again = ingest(source, state, "sentiment")
+    assert (again.rows_read, again.file_problems) == (0, [])
+    state.close()
