@@ -32,10 +32,11 @@ from typing import Any, Literal
 
 from tasks.records import LedgerEntry
 from tasks.registry import lifecycle, loading, publish, report, verify
-from tasks.registry.client import (CHALLENGER, CHAMPION, TAG, TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT,
-                                   TAG_FLOW_RUN_ID, TAG_KIND, TAG_NIGHT_KEY, TAG_PARENT_VERSION, TAG_PATCH_COUNT,
-                                   TAG_RETIRED, TAG_ROLLBACK_REASON, TAG_ROLLED_BACK_AT, ModelVersionInfo,
-                                   RegistryClient, RegistryError, RegistryUnavailable, default_tracking_uri)
+from tasks.registry.client import RegistryClient, default_tracking_uri
+from tasks.registry.versions import (CHALLENGER, CHAMPION, TAG, TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT,
+                                     TAG_FLOW_RUN_ID, TAG_KIND, TAG_NIGHT_KEY, TAG_PARENT_VERSION,
+                                     TAG_PATCH_COUNT, TAG_RETIRED, TAG_ROLLBACK_REASON, TAG_ROLLED_BACK_AT,
+                                     ModelVersionInfo, RegistryError, RegistryUnavailable)
 from tasks.registry.lifecycle import RollbackResult
 from tasks.registry.loading import LoadedVersion
 from tasks.registry.report import render_stream_plot

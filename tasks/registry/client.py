@@ -1,4 +1,4 @@
-"""MLflow access for the registry: one ``MlflowClient``, lookups, aliases, downloads, errors.
+"""MLflow access for the registry: one ``MlflowClient``, lookups, aliases, downloads.
 
 Retries are MLflow's own. Over HTTP, MLflow retries every request (urllib3 ``Retry``) as its
 ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` /
@@ -13,102 +13,22 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
-import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-import mlflow
 import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from tasks.registry.mlflow_env import cause, fluent_tracking_uri, is_unreachable, mlflow_http_settings
+from tasks.registry.versions import (MAX_TAG_VALUE, TAG_KIND, TAG_REGISTERED_MODEL, TAG_TASK, ModelVersionInfo,
+                                     RegistryError, RegistryUnavailable)
+
 T = TypeVar("T")
-
-TAG = "patchflow."
-TAG_KIND = TAG + "kind"
-TAG_TASK = TAG + "task"
-TAG_BASE_VERSION = TAG + "base_version"
-TAG_PARENT_VERSION = TAG + "parent_version"
-TAG_PATCH_COUNT = TAG + "patch_count"
-TAG_FLOW_RUN_ID = TAG + "flow_run_id"
-TAG_NIGHT_KEY = TAG + "night_key"
-TAG_FINGERPRINT = TAG + "base_fingerprint"
-TAG_COMPLETE = TAG + "complete"
-TAG_INCOMPLETE = TAG + "incomplete"
-TAG_PREVIOUS_CHAMPION = TAG + "previous_champion"
-TAG_PROMOTED_AT = TAG + "promoted_at"
-TAG_PROMOTION_REASON = TAG + "promotion_reason"
-TAG_ROLLED_BACK_AT = TAG + "rolled_back_at"
-TAG_ROLLBACK_REASON = TAG + "rollback_reason"
-TAG_RETIRED = TAG + "retired"
-TAG_RETIRED_AT = TAG + "retired_at"
-TAG_HISTORY = TAG + "champion_history"
-TAG_REGISTERED_MODEL = TAG + "registered_model"
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-
-#: MLflow's limit on a registry tag value (SQL stores); longer values are trimmed.
-MAX_TAG_VALUE = 5000
-
 _HTTP_SCHEMES = ("http://", "https://")
-
-
-class RegistryError(RuntimeError):
-    """A registry operation cannot be done; the message names the model / alias / version."""
-
-
-class RegistryUnavailable(RegistryError):
-    """MLflow could not be reached (still failing after MLflow's own bounded retries)."""
-
-
-@dataclass(frozen=True)
-class ModelVersionInfo:
-    """One registered version as patchflow sees it (tags are the ``patchflow.*`` lineage)."""
-
-    name: str
-    version: str
-    kind: str  # "base" | "patch"
-    aliases: tuple[str, ...]
-    tags: dict[str, str]
-    run_id: str | None
-    model_id: str | None
-    source: str
-    created: datetime
-
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    @property
-    def patch_count(self) -> int:
-        return int(self.tags.get(TAG_PATCH_COUNT, "0") or 0)
-
-    @property
-    def base_version(self) -> str:
-        return self.tags.get(TAG_BASE_VERSION, "")
-
-    @property
-    def parent_version(self) -> str:
-        return self.tags.get(TAG_PARENT_VERSION, "")
-
-    @property
-    def complete(self) -> bool:
-        return self.tags.get(TAG_COMPLETE) == "true"
-
-    @property
-    def rolled_back(self) -> bool:
-        return bool(self.tags.get(TAG_ROLLED_BACK_AT))
-
-    @property
-    def retired(self) -> bool:
-        return bool(self.tags.get(TAG_RETIRED))
-
 
 def default_tracking_uri(directory: str | Path) -> str:
     """``sqlite:///<abs dir>/mlflow.db`` — the app's default store (artifacts beside it)."""
@@ -139,88 +59,6 @@ def short_hash(text: str) -> str:
 
 def is_not_found(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
-
-
-def is_unreachable(exc: BaseException) -> bool:
-    """True when ``exc`` means the store could not be reached (after MLflow's retries)."""
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    import requests
-
-    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
-        return True
-    if isinstance(exc, MlflowException) and exc.error_code in ("TEMPORARILY_UNAVAILABLE",
-                                                               "REQUEST_LIMIT_EXCEEDED"):
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in ("max retries exceeded", "connection refused", "connection reset",
-                                   "connection aborted", "timed out", "temporarily unavailable",
-                                   "database is locked"))
-
-
-def _cause(exc: BaseException) -> str:
-    """The short reason inside a long urllib3/MLflow message, on one line."""
-    text = " ".join(str(exc).split())
-    found = re.search(r"\[Errno -?\d+\][^'\")]*", text)
-    if found:
-        return found.group(0).strip()
-    for marker in ("Connection refused", "Connection reset", "Connection aborted", "Read timed out",
-                   "database is locked", "RemoteDisconnected"):
-        if marker.lower() in text.lower():
-            return marker
-    return text[:200]
-
-
-# MLflow reads its HTTP settings from os.environ per request, so two clients with different
-# settings must not overlap; clients with the same settings share one application of them.
-_settings_lock = threading.Condition()
-_settings_state: dict[str, Any] = {"active": None, "depth": 0, "saved": {}}
-
-
-@contextmanager
-def mlflow_http_settings(values: dict[str, str]) -> Iterator[None]:
-    """Apply MLflow's ``MLFLOW_HTTP_REQUEST_*`` settings for the duration of the block."""
-    state = _settings_state
-    with _settings_lock:
-        _settings_lock.wait_for(lambda: state["depth"] == 0 or state["active"] == values)
-        if state["depth"] == 0:
-            state["saved"] = {k: os.environ.get(k) for k in values}
-            os.environ.update(values)
-            state["active"] = values
-        state["depth"] += 1
-    try:
-        yield
-    finally:
-        with _settings_lock:
-            state["depth"] -= 1
-            if state["depth"] == 0:
-                for key, old in state["saved"].items():
-                    if old is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = old
-                state["active"] = None
-                _settings_lock.notify_all()
-
-
-_fluent_lock = threading.Lock()
-
-
-@contextmanager
-def fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent tracking URI set to ``uri`` for the block, then put back exactly as it was
-    (``mlflow.pyfunc.log_model`` knows no other way to be told where to log)."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _fluent_lock:
-        saved_global, saved_env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(saved_global)
-            if saved_env is not None:
-                os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 class RegistryClient:
@@ -274,7 +112,7 @@ class RegistryClient:
             attempts = self.retries if self.tracking_uri.startswith(_HTTP_SCHEMES) else 1
             raise RegistryUnavailable(
                 f"MLflow at {self.tracking_uri} is unreachable: {getattr(fn, '__name__', 'call')} "
-                f"failed {attempts} time(s) ({_cause(exc)})") from exc
+                f"failed {attempts} time(s) ({cause(exc)})") from exc
 
     @contextmanager
     def fluent(self) -> Iterator[None]:

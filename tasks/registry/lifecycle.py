@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from tasks.registry.client import (CHALLENGER, CHAMPION, MAX_TAG_VALUE, TAG_HISTORY, TAG_PREVIOUS_CHAMPION,
-                                   TAG_PROMOTED_AT, TAG_PROMOTION_REASON, TAG_RETIRED, TAG_RETIRED_AT,
-                                   TAG_ROLLBACK_REASON, TAG_ROLLED_BACK_AT, ModelVersionInfo, RegistryClient,
-                                   RegistryError, utc_iso)
+from tasks.registry.client import RegistryClient, utc_iso
+from tasks.registry.versions import (CHALLENGER, CHAMPION, MAX_TAG_VALUE, TAG_HISTORY, TAG_PREVIOUS_CHAMPION,
+                                     TAG_PROMOTED_AT, TAG_PROMOTION_REASON, TAG_RETIRED, TAG_RETIRED_AT,
+                                     TAG_ROLLBACK_REASON, TAG_ROLLED_BACK_AT, ModelVersionInfo, RegistryError)
 
 
 @dataclass(frozen=True)

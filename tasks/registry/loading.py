@@ -16,8 +16,9 @@ import patcher
 from patcher.storage import build_once
 from tasks.records import LedgerEntry, read_ledger
 from tasks.registry import pyfunc_model as pm
-from tasks.registry.client import (TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT, TAG_KIND, RegistryClient,
-                                   RegistryError, RegistryUnavailable, safe_name, short_hash)
+from tasks.registry.client import RegistryClient, safe_name, short_hash
+from tasks.registry.versions import (TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT, TAG_KIND, RegistryError,
+                                     RegistryUnavailable)
 
 LEDGER_FILE = "ledger.json"
 

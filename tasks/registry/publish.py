@@ -26,11 +26,11 @@ from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from tasks.records import LedgerEntry, write_ledger
 from tasks.registry import lifecycle
 from tasks.registry import pyfunc_model as pm
-from tasks.registry.client import (CHALLENGER, CHAMPION, TAG, TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT,
-                                   TAG_FLOW_RUN_ID, TAG_INCOMPLETE, TAG_KIND, TAG_NIGHT_KEY, TAG_PARENT_VERSION,
-                                   TAG_PATCH_COUNT, TAG_PREVIOUS_CHAMPION, TAG_REGISTERED_MODEL, TAG_TASK,
-                                   ModelVersionInfo, RegistryClient, RegistryError, RegistryUnavailable, safe_name,
-                                   short_hash)
+from tasks.registry.client import RegistryClient, safe_name, short_hash
+from tasks.registry.versions import (CHALLENGER, CHAMPION, TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT,
+                                     TAG_FLOW_RUN_ID, TAG_INCOMPLETE, TAG_KIND, TAG_NIGHT_KEY, TAG_PARENT_VERSION,
+                                     TAG_PATCH_COUNT, TAG_PREVIOUS_CHAMPION, TAG_REGISTERED_MODEL, TAG_TASK,
+                                     ModelVersionInfo, RegistryError, RegistryUnavailable)
 from tasks.registry.loading import LEDGER_FILE
 from tasks.registry.report import metric_key, render_stream_plot
 

@@ -218,9 +218,9 @@ class PatchflowModel(mlflow.pyfunc.PythonModel):
             folder, self.patch_set, device=options["device"], dtype=options["dtype"],
             base_fingerprint=self.pointer.get("base_fingerprint"))
 
-    # No type hints on purpose: MLflow would turn them into a signature and convert inputs; we accept
-    # every form to_texts lists (DataFrame, Series, list of str, str, dict).
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint is one MLflow infers no signature from, so it neither validates nor converts:
+    # every form to_texts lists is accepted (DataFrame, Series, list of str, str, dict).
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         if self.model is None:
             raise RuntimeError("patchflow: model not loaded (load_context was not called)")
         texts = to_texts(model_input)

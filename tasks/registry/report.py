@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tasks.registry.client import (TAG_COMPLETE, TAG_FLOW_RUN_ID, TAG_NIGHT_KEY, TAG_TASK, RegistryClient)
+from tasks.registry.client import RegistryClient
+from tasks.registry.versions import TAG_COMPLETE, TAG_FLOW_RUN_ID, TAG_NIGHT_KEY, TAG_TASK
 from tasks.registry.lifecycle import champion_history
 
 

@@ -12,7 +12,8 @@ import patcher
 
 from tasks.records import read_ledger
 from tasks.registry import pyfunc_model as pm
-from tasks.registry.client import TAG_KIND, TAG_PATCH_COUNT, RegistryClient, RegistryError, RegistryUnavailable
+from tasks.registry.client import RegistryClient
+from tasks.registry.versions import TAG_KIND, TAG_PATCH_COUNT, RegistryError, RegistryUnavailable
 from tasks.registry.loading import LEDGER_FILE
 
 
