@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from patchflow.settings import Settings, apply_env_defaults
 
 EXIT_GATE_FAILED = 3
 EXIT_LOCKED = 4
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
-               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "TRANSFORMERS_VERBOSITY": "error",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
-    os.environ.setdefault(_k, _v)
 
-
-def _parser() -> argparse.ArgumentParser:
+def _parser(settings: Settings) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchflow", description="Keep a deployed transformer correct, night after night.")
-    p.add_argument("--config-dir", default="deployments", help="where <model>.yaml configs live (default: deployments)")
+    p.add_argument("--config-dir", default=str(settings.config_dir),
+                   help=f"where <model>.yaml configs live (default: {settings.config_dir})")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="prepare the fact-check model, log its real mistakes, run one night")
@@ -63,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    apply_env_defaults()  # before MLflow, Prefect or transformers are imported
+    args = _parser(Settings()).parse_args(argv)
     from patcher import PatchError
     from tasks.config import ConfigError
     from tasks.ingest import SourceError
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     config_dir = Path(args.config_dir)
     if args.command == "demo":
-        from tasks.demo import run_demo
+        from patchflow.demo import run_demo
 
         return run_demo(config_dir, n_errors=args.errors)
     from tasks.config import load_config
