@@ -18,7 +18,8 @@ frozen. The model runs in eval mode (no dropout) so that one forward pass gives 
 and the "fixed yet?" check; "fixed" is the argmax definition of ``patcher.target_correct``.
 
 The same interface as ``patcher.Editor`` where the harness needs it: ``edit(EditRequest)``
-returning a ``patcher.EditResult`` (``neurons`` is always 0).
+returning a ``patcher.EditResult`` (``neurons`` is always 0). Every tensor is built on the model's
+device.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from patcher import EditRequest, EditResult
-from patcher.encoding import Encoded, collate, encode, gather_positions, pad_id
+from patcher.encoding import Encoded, collate, encode, gather_positions, labels_of, pad_id
 from patcher.families import get_path, resolve_family
+from patcher.predict import model_device
 
 
 @dataclass
@@ -75,6 +77,7 @@ class FineTuner:
         self.config = config or FTConfig()
         self.family = resolve_family(model)
         self.task = self.family.task
+        self.device = model_device(model)
         model.requires_grad_(False)
         model.eval()
         self.params = trainable_parameters(model, self.config.scope)
@@ -110,7 +113,7 @@ class FineTuner:
         return enc
 
     def _logits(self, items: list[Encoded]) -> torch.Tensor:
-        out = self.model(**collate(items, pad_id(self.tokenizer))).logits
+        out = self.model(**collate(items, pad_id(self.tokenizer), device=self.device)).logits
         return out if self.task == "classification" else gather_positions(out, items)
 
     _kl_logits = _logits
@@ -123,7 +126,7 @@ class FineTuner:
         items = [main]
         for eq in request.equivalents or []:
             items.append(self._encode(eq, request.target))
-        labels = torch.tensor([lab for it in items for lab in it.labels])
+        labels = labels_of(items, self.device)
         n_main = len(main.labels)
         opt = torch.optim.Adam(self.params, lr=c.lr, weight_decay=c.weight_decay)
         steps, losses, fixed = 0, {}, False

@@ -1,7 +1,7 @@
 """The demo: a real fact-checking model, its real mistakes, one night of maintenance.
 
 1. Prepare the base model: all-MiniLM-L6-v2 fine-tuned as a fact-checker on GeoNames claims
-   (benchmarks/factcheck.py; cached on disk after the first time).
+   (``editdata.factcheck_model``; cached on disk after the first time).
 2. Register it as version 1 @champion in a local MLflow (SQLite) store.
 3. Write a production-like error log: the champion's real mistakes on unseen facts (with
    paraphrases), plus a handful of malformed rows that validation must quarantine.
@@ -44,7 +44,8 @@ def malformed_rows(now: datetime, sample_input: str) -> list[str]:
 
 def prepare(cfg: ModelConfig, n_errors: int, progress: bool = True) -> dict:
     """Steps 1-3; returns what was prepared (for the summary)."""
-    from benchmarks.factcheck import ID2LABEL, build_factcheck, mistakes, prepare_base_model
+    from editdata.factcheck import ID2LABEL, build_factcheck
+    from editdata.factcheck_model import mistakes, prepare_base_model
     from tasks.registry import Registry, RegistryError
 
     cache = cfg.workdir / "cache"

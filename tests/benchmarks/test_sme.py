@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from benchmarks import sme
+from benchmarks import harness, report, sme
 from benchmarks.baselines import FineTuner, FTConfig, trainable_parameters
-from patcher import EditRequest, target_correct
+from patcher import EditRequest, served_correct, target_correct
 from tests import tiny
 
 torch.set_num_threads(1)
@@ -20,25 +20,26 @@ RATES = ("sr", "gr", "er", "er_stream", "neighbour_r", "train_acc", "test_acc", 
 RATIOS = ("train_r", "test_r")
 
 
-def synthetic_task() -> sme.Task:
+def synthetic_task() -> harness.Task:
     model, tok = tiny.build("bert", num_labels=2)
     s = tiny.SENTENCES
     claims = [(text, i % 2) for i, text in enumerate(s)]
-    pool = [sme.Item(f"c{i}", text, label, [f"{text} today", f"the {text}"]) for i, (text, label) in enumerate(claims[:16])]
+    pool = [harness.Item(f"c{i}", text, label, [f"{text} today", f"the {text}"])
+            for i, (text, label) in enumerate(claims[:16])]
 
     def neighbours(item):
         i = int(item.id[1:])
         return [claims[(i + k) % len(claims)] for k in (1, 2, 3)]
 
-    return sme.Task(name="synthetic", model=model, tokenizer=tok, edit_pool=pool,
-                    memory_texts=s + [f"{t} today" for t in s], train_eval=claims[16:22], test_eval=claims[22:],
-                    neighbours=neighbours)
+    return harness.Task(name="synthetic", model=model, tokenizer=tok, edit_pool=pool,
+                        memory_texts=s + [f"{t} today" for t in s], train_eval=claims[16:22], test_eval=claims[22:],
+                        neighbours=neighbours)
 
 
 @pytest.fixture(scope="module")
 def result():
     task = synthetic_task()
-    return sme.run_benchmark(task, n_edits=3, seed=0, methods=sme.METHODS,
+    return sme.run_benchmark(task, n_edits=3, seed=0, methods=harness.METHODS,
                              patcher_config={"memory_size": 100, "max_steps": 60},
                              faithful_edits=2, ft_config={"max_steps": 5, "lr": 1e-3},
                              ftkl_config={"max_steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_batch": 4},
@@ -47,24 +48,30 @@ def result():
 
 def test_json_structure(result, tmp_path):
     out = tmp_path / "r.json"
-    sme.write_json(result, out)
+    report.write_json(result, out)
     data = json.loads(out.read_text())  # strict JSON: no NaN
-    for key in ("task", "seed", "N", "machine", "wall_seconds", "methods", "stream_length", "base_mistakes"):
+    for key in ("task", "seed", "N", "machine", "wall_seconds", "methods", "stream_length", "base_mistakes", "judge"):
         assert key in data
+    assert data["judge"] == "served"
     assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
     assert data["stream_length"] == min(3, data["base_mistakes"]) > 0
-    assert set(data["methods"]) == set(sme.METHODS)
+    assert set(data["methods"]) == set(harness.METHODS)
     for name, res in data["methods"].items():
         assert res["edited"] + res["fixed_before_edit"] == res["stream"]
         assert len(res["edits"]) == res["stream"]
         assert res["series"] and res["series"][-1]["t"] == res["stream"]
         for point in res["series"]:
-            for k in ("sr", "gr", "er"):
+            for k in ("sr", "gr", "er", "test_retained"):
                 assert point[k] is None or 0.0 <= point[k] <= 1.0
         for k in RATES:
             assert res[k] is None or 0.0 <= res[k] <= 1.0, (name, k, res[k])
-        for k in RATIOS:  # locality ratios may exceed 1 when the edited model does better
+        for k in RATIOS:  # netted ratios may exceed 1 when the edited model does better
             assert res[k] is None or res[k] >= 0.0
+        for k in ("train_locality", "test_locality"):  # per item, never netted
+            loc = res[k]
+            assert loc["kept"] + loc["broken"] == loc["base_correct"] <= loc["n"]
+            assert 0.0 <= loc["retained"] <= 1.0
+        assert res["test_locality"]["n"] == data["base"]["test_eval"]
         assert res["seconds_per_edit_median"] is None or res["seconds_per_edit_median"] >= 0
         assert "config" in res
     assert data["methods"]["faithful"]["stream"] == 2
@@ -77,21 +84,34 @@ def test_json_structure(result, tmp_path):
 
 def test_plot_and_summary(result, tmp_path):
     png = tmp_path / "r.png"
-    sme.plot(result, png)
+    report.plot(result, png)
     assert png.stat().st_size > 1000
-    assert "patcher" in sme.summary(result)
+    assert "patcher" in report.summary(result)
 
 
-def test_evaluate_matches_target_correct():
+def test_judge_is_patchers_two_judges():
+    """The harness has no judge of its own: each mode is one of patcher's."""
     task = synthetic_task()
     pairs = task.train_eval + task.test_eval
-    _, correct = sme.evaluate(task.model, task.tokenizer, pairs)
-    assert correct == target_correct(task.model, task.tokenizer, [p for p, _ in pairs], [y for _, y in pairs])
+    inputs, targets = [p for p, _ in pairs], [y for _, y in pairs]
+    assert harness.Judge("teacher-forced").correct(task.model, task.tokenizer, pairs) == \
+        target_correct(task.model, task.tokenizer, inputs, targets)
     gen, gtok = tiny.build("llama")
     gpairs = [("the capital of france is", " paris"), ("the cat is", " in the house")]
-    preds, correct = sme.evaluate(gen, gtok, gpairs)
-    assert correct == target_correct(gen, gtok, [p for p, _ in gpairs], [y for _, y in gpairs])
-    assert all(isinstance(p, tuple) for p in preds)
+    gin, gtar = [p for p, _ in gpairs], [y for _, y in gpairs]
+    assert harness.Judge("served").correct(gen, gtok, gpairs) == served_correct(gen, gtok, gin, gtar)
+    assert harness.Judge("teacher-forced").correct(gen, gtok, gpairs) == target_correct(gen, gtok, gin, gtar)
+    assert harness.Judge().correct(gen, gtok, []) == []
+    with pytest.raises(ValueError, match="judge must be one of"):
+        harness.Judge("argmax")
+
+
+def test_paraphrase_split():
+    item = harness.Item("x", "a", 1, ["p0", "p1", "p2"])
+    assert harness.split_paraphrases(item, "heldout") == ([], ["p0", "p1", "p2"])
+    assert harness.split_paraphrases(item, "half") == (["p0", "p2"], ["p1"])
+    with pytest.raises(ValueError):
+        harness.split_paraphrases(item, "all")
 
 
 def test_ft_trains_only_the_last_ffn():
@@ -107,4 +127,17 @@ def test_ft_trains_only_the_last_ffn():
 
 
 def test_jsonable_strict():
-    assert sme.jsonable({"a": math.nan, "b": (1, math.inf)}) == {"a": None, "b": [1, None]}
+    assert report.jsonable({"a": math.nan, "b": (1, math.inf)}) == {"a": None, "b": [1, None]}
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_ft_builds_every_tensor_on_the_models_device(family: str):
+    """With torch's default device set to meta, any tensor made without the model's device fails."""
+    model, tok = tiny.build(family, **({"num_labels": 2} if family == "bert" else {}))
+    tuner = FineTuner(model, tok, FTConfig(max_steps=2, lr=1e-2, kl_weight=1.0, kl_pool=4, kl_batch=2),
+                      kl_texts=tiny.SENTENCES[:8])
+    text = tiny.SENTENCES[0]
+    target = 1 - int(model(**tok(text, return_tensors="pt")).logits.argmax()) if family == "bert" else " red car"
+    with torch.device("meta"):
+        result = tuner.edit(EditRequest("x", text, target, equivalents=[tiny.SENTENCES[1]]))
+    assert result.already_correct or result.steps >= 1

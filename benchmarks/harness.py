@@ -1,0 +1,237 @@
+"""The task-agnostic part of the Sequential Model Editing benchmark: what a task is, how "right" is
+judged, and one method walking the stream of mistakes.
+
+Every method starts from a fresh copy of the base model and walks the same stream; an item is
+edited only if the *current* model is still wrong on it (the others count as
+``fixed_before_edit``). The numbers come from ``patcher.metrics``, the functions the pipeline's
+gate uses, so a number means the same in both: locality is the per-item retained share (items
+fixed by accident counted on their own); the paper's netted ratios (TrainR, TestR) sit beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+import patcher
+from patcher import EditRequest, Editor, metrics, predict, target_correct
+
+METHODS = ("patcher", "faithful", "ft", "ftkl")
+JUDGES = ("served", "teacher-forced")
+Pair = tuple[str, object]  # (input, target)
+
+
+@dataclass
+class Item:
+    """One candidate mistake: the input, its target and paraphrases with the same target."""
+
+    id: str
+    input: str
+    target: int | str
+    paraphrases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Task:
+    """Everything the harness needs about a benchmark; the harness itself is task-agnostic.
+
+    ``neighbours(item)`` gives hard locality neighbours as (input, target) pairs; the harness keeps
+    those the base model gets right. ``memory_texts`` feed ``Editor.build_memory`` (and the FT+KL
+    pool); ``kl_texts`` (default: the memory texts) feed the FT+KL term."""
+
+    name: str
+    model: torch.nn.Module  # the pristine base model; each method gets a deep copy
+    tokenizer: object
+    edit_pool: list[Item]
+    memory_texts: list[str]
+    train_eval: list[Pair]
+    test_eval: list[Pair]
+    neighbours: Callable[[Item], list[Pair]] = lambda item: []
+    kl_texts: list[str] | None = None
+    info: dict = field(default_factory=dict)
+
+    def fresh(self):
+        return copy.deepcopy(self.model), self.tokenizer
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How "right" is decided, with patcher's two judges. ``served`` (the headline):
+    ``patcher.served_correct``, greedy generation as a user is served it must give the answer and
+    stop. ``teacher-forced``: ``patcher.target_correct``, every target token the argmax given the
+    true earlier ones (what the committed QA T = 200 run used). Classifiers: the argmax label
+    either way."""
+
+    mode: str = "served"
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.mode not in JUDGES:
+            raise ValueError(f"judge must be one of {JUDGES}, got {self.mode!r}")
+
+    def correct(self, model, tokenizer, pairs: Sequence[Pair]) -> list[bool]:
+        pairs = list(pairs)
+        if not pairs:
+            return []
+        judge = patcher.served_correct if self.mode == "served" else target_correct
+        return judge(model, tokenizer, [p for p, _ in pairs], [y for _, y in pairs], batch_size=self.batch_size)
+
+    def one(self, model, tokenizer, pair: Pair) -> bool:
+        return self.correct(model, tokenizer, [pair])[0]
+
+
+def predictions(model, tokenizer, pairs: Sequence[Pair], max_new_tokens: int = 8) -> list[str]:
+    """What the model outputs on each input (label name, or greedy continuation), to compare two models."""
+    return predict(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class Base:
+    """What the base model gets right, computed once and shared by every method."""
+
+    train: list[bool]
+    test: list[bool]
+    series_test_idx: list[int]
+    neighbours: dict[str, list[Pair]]  # item id -> neighbours the base got right
+
+    def acc(self, which: str, idx: Sequence[int] | None = None) -> float:
+        flags = getattr(self, which)
+        return metrics.rate([flags[i] for i in idx] if idx is not None else flags)
+
+
+@dataclass
+class RunSettings:
+    gr_mode: str = "heldout"
+    every: int = 50
+    progress: bool = True
+    judge: Judge = field(default_factory=Judge)
+
+
+def split_paraphrases(item: Item, gr_mode: str) -> tuple[list[str], list[str]]:
+    """(trained on, measured for GR)."""
+    if gr_mode == "heldout":
+        return [], list(item.paraphrases)
+    if gr_mode == "half":
+        return item.paraphrases[0::2], item.paraphrases[1::2]
+    raise ValueError(f"gr_mode must be 'heldout' or 'half', got {gr_mode!r}")
+
+
+def run_method(name: str, task: Task, stream: list[Item], base: Base, make_editor, settings: RunSettings,
+               snapshot_at: int | None = None) -> dict:
+    """Walk ``stream`` with a fresh base model and one editor; return metrics, series, per-edit rows."""
+    from tqdm.auto import tqdm
+
+    judge = settings.judge
+    model, tok = task.fresh()
+    t_setup = time.perf_counter()
+    editor, setup_info = make_editor(model, tok)
+    setup_s = time.perf_counter() - t_setup
+    rows: list[dict] = []
+    series: list[dict] = []
+    edited: list[Item] = []
+    sr_flags: list[bool] = []
+    gr_flags: list[bool] = []
+    snapshot = None
+    t_run = time.perf_counter()
+    for t, item in enumerate(tqdm(stream, desc=name, unit="item", disable=not settings.progress), start=1):
+        train_eq, gr_eq = split_paraphrases(item, settings.gr_mode)
+        already = judge.one(model, tok, (item.input, item.target))
+        row = {"t": t, "id": item.id, "fixed_before_edit": already}
+        if not already:
+            request = EditRequest(id=item.id, input=item.input, target=item.target, equivalents=train_eq)
+            t0 = time.perf_counter()
+            result = editor.edit(request)
+            seconds = time.perf_counter() - t0
+            ok = judge.one(model, tok, (item.input, item.target))
+            gr = judge.correct(model, tok, [(p, item.target) for p in gr_eq])
+            edited.append(item)
+            sr_flags.append(ok)
+            gr_flags.extend(gr)
+            row.update(success=ok, reported_fixed=bool(result.fixed), gr_correct=sum(gr), gr_total=len(gr),
+                       seconds=seconds, steps=result.steps, neurons=result.neurons,
+                       losses={k: round(v, 5) for k, v in (result.losses or {}).items()})
+            if settings.progress:
+                tqdm.write(f"[{name}] {t}/{len(stream)} {item.id}: {'fixed' if ok else 'NOT fixed'} "
+                           f"steps={result.steps} {seconds:.2f}s GR {sum(gr)}/{len(gr)}", file=sys.stderr)
+        rows.append(row)
+        if t % settings.every == 0 or t == len(stream):
+            er = judge.correct(model, tok, [(i.input, i.target) for i in edited])
+            test = judge.correct(model, tok, [task.test_eval[i] for i in base.series_test_idx])
+            series.append({
+                "t": t, "edits": len(edited), "sr": metrics.success_rate(sr_flags),
+                "gr": metrics.generalization_rate(gr_flags), "er": metrics.edit_retain_rate(er),
+                "test_retained": metrics.retained([base.test[i] for i in base.series_test_idx], test),
+                "test_r": metrics.net_ratio(metrics.rate(test), base.acc("test", base.series_test_idx)),
+                "neurons": _neurons(editor), "edit_seconds": sum(r.get("seconds", 0.0) for r in rows),
+            })
+        if snapshot_at is not None and t == snapshot_at:
+            snapshot = {"test_predictions": predictions(model, tok, task.test_eval),
+                        "success": [r.get("success") for r in rows]}
+    run_s = time.perf_counter() - t_run
+
+    t_eval = time.perf_counter()
+    er = judge.correct(model, tok, [(i.input, i.target) for i in edited])
+    er_stream = judge.correct(model, tok, [(i.input, i.target) for i in stream])
+    train = judge.correct(model, tok, task.train_eval)
+    test = judge.correct(model, tok, task.test_eval)
+    neigh_pairs = unique(p for i in edited for p in base.neighbours.get(i.id, []))
+    neigh_after = judge.correct(model, tok, neigh_pairs)
+    train_acc, test_acc = metrics.rate(train), metrics.rate(test)
+    seconds = [r["seconds"] for r in rows if "seconds" in r]
+    steps = [r["steps"] for r in rows if "steps" in r]
+    result = {
+        "config": setup_info,
+        "stream": len(stream),
+        "edited": len(edited),
+        "fixed_before_edit": sum(r["fixed_before_edit"] for r in rows),
+        "sr": metrics.success_rate(sr_flags),
+        "gr": metrics.generalization_rate(gr_flags),
+        "gr_paraphrases": len(gr_flags),
+        "er": metrics.edit_retain_rate(er),
+        "er_stream": metrics.edit_retain_rate(er_stream),
+        "train_acc_base": base.acc("train"), "train_acc": train_acc,
+        "train_locality": metrics.locality(base.train, train).model_dump(),
+        "train_r": metrics.net_ratio(train_acc, base.acc("train")),
+        "test_acc_base": base.acc("test"), "test_acc": test_acc,
+        "test_locality": metrics.locality(base.test, test).model_dump(),
+        "test_r": metrics.net_ratio(test_acc, base.acc("test")),
+        "drawdown": metrics.net_drawdown(test_acc, base.acc("test")),
+        "neighbour_r": metrics.retained([True] * len(neigh_after), neigh_after),
+        "neighbours": len(neigh_pairs),
+        "neurons": _neurons(editor),
+        "unfixed": sum(1 for r in rows if r.get("success") is False),
+        "reported_vs_measured_mismatch": sum(1 for r in rows if "success" in r and r["success"] != r["reported_fixed"]),
+        "seconds_per_edit_median": statistics.median(seconds) if seconds else float("nan"),
+        "seconds_per_edit_mean": statistics.fmean(seconds) if seconds else float("nan"),
+        "seconds_edits_total": sum(seconds),
+        "steps_median": statistics.median(steps) if steps else float("nan"),
+        "setup_seconds": setup_s,
+        "stream_seconds": run_s,
+        "final_eval_seconds": time.perf_counter() - t_eval,
+        "series": series,
+        "edits": rows,
+    }
+    if isinstance(editor, Editor) and editor.edit_ids:
+        patched = predictions(model, tok, task.test_eval)
+        result["folded_test_agreement"] = agreement(patched, predictions(editor.folded(), tok, task.test_eval))
+    return {"result": result, "snapshot": snapshot}
+
+
+def _neurons(editor) -> int:
+    return int(editor.ffn.neurons) if isinstance(editor, Editor) else 0
+
+
+def unique(pairs) -> list[Pair]:
+    """The pairs in first-seen order, each once."""
+    return list(dict.fromkeys(pairs))
+
+
+def agreement(a: Sequence, b: Sequence) -> float:
+    """Share of positions where two prediction lists agree (NaN when their lengths differ)."""
+    return metrics.rate([x == y for x, y in zip(a, b)]) if len(a) == len(b) else float("nan")
