@@ -1,0 +1,249 @@
+"""The tables in benchmarks/README.md, generated from the result files so they cannot drift.
+
+    python -m benchmarks.tables            # rewrite the tables in benchmarks/README.md
+    python -m benchmarks.tables --check    # exit 1 (and show the difference) if they are stale
+
+Every table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; the text between is
+replaced, the prose around it is kept. NAME is ``setup`` (how each run was set up), ``runs``
+(every run, every method), ``faithful``
+(cached against full-forward patcher), ``targets`` (the issue's targets against the closest run),
+``commands`` (how each result was made) or ``series:<result file stem>`` (a run along its stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE / "README.md"
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w:.\-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+CLASSIFICATION_TASKS = {"fact-check"}  # results written before "kind" was recorded
+
+
+class TableError(ValueError):
+    """A marker names a table or result file that does not exist."""
+
+
+# -------------------------------------------------------------------------------- formatting
+def _num(v, digits: int = 3) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def kind(result: dict) -> str:
+    return result.get("kind") or ("classification" if result["task"] in CLASSIFICATION_TASKS else "generation")
+
+
+def judge(result: dict) -> str:
+    """How answers were judged; runs from before the judge was recorded were teacher-forced."""
+    return "label" if kind(result) == "classification" else result.get("judge", "teacher-forced")
+
+
+def retained(res: dict, which: str = "test") -> float | None:
+    loc = res.get(f"{which}_locality")
+    return loc["retained"] if loc else None
+
+
+# -------------------------------------------------------------------------------- tables
+def setup_table(results: dict[str, dict]) -> str:
+    header = ["result", "task", "T", "seed", "judge", "GR paraphrases", "base mistakes / edit pool",
+              "base test accuracy", "memory queries (texts)", "cores / torch threads", "wall s"]
+    rows = []
+    for stem, r in results.items():
+        memory = next((m["config"] for m in r["methods"].values() if "memory_queries" in m["config"]), None)
+        mach = r.get("machine", {})
+        rows.append([f"`{stem}`", r["task"], _num(r["N"]), str(r["seed"]), judge(r),
+                     "held out" if r.get("gr_mode") == "heldout" else "half trained on",
+                     f"{r['base_mistakes']:,} / {r['edit_pool']:,}", _num(r["base"]["test_acc"]),
+                     f"{memory['memory_queries']:,} ({memory['memory_texts']:,})" if memory else "—",
+                     f"{mach.get('affinity_cores') or mach.get('cpu_count')} / {mach.get('torch_threads')}",
+                     _num(round(r.get("wall_seconds_total", r["wall_seconds"])))])
+    return _table(header, rows)
+
+
+def runs_table(results: dict[str, dict]) -> str:
+    header = ["result", "method", "edited (fixed before)", "SR", "GR (n)", "ER",
+              "test retained (broken / fixed by accident)", "TestR, netted", "neighbour retained (n)", "neurons",
+              "s/edit median", "steps median"]
+    rows = []
+    for stem, r in results.items():
+        for name, m in r["methods"].items():
+            loc = m.get("test_locality")
+            kept = (f"{_num(loc['retained'])} ({loc['broken']:,} / {loc['fixed_by_accident']:,})" if loc
+                    else "not recorded")
+            method = name + (f" (first {m['stream_prefix']})" if "stream_prefix" in m else "")
+            rows.append([f"`{stem}`", method, f"{m['edited']:,} ({m['fixed_before_edit']:,})", _num(m["sr"]),
+                         f"{_num(m['gr'])} ({m['gr_paraphrases']:,})", _num(m["er"]), kept, _num(m["test_r"]),
+                         f"{_num(m['neighbour_r'])} ({m['neighbours']:,})", _num(m["neurons"]),
+                         _num(m["seconds_per_edit_median"], 2), _num(m.get("steps_median"), 0)])
+    return _table(header, rows)
+
+
+def faithful_table(results: dict[str, dict]) -> str:
+    header = ["result", "first K items", "s/edit median, cached", "s/edit median, full forward",
+              "speed-up (total time)", "test predictions agree", "same edits fixed"]
+    rows = []
+    for stem, r in results.items():
+        cmp = r["methods"].get("faithful", {}).get("comparison")
+        if cmp:
+            rows.append([f"`{stem}`", str(cmp["stream_prefix"]), _num(cmp["patcher_seconds_per_edit_median"], 2),
+                         _num(cmp["faithful_seconds_per_edit_median"], 2), f"{cmp['speed_ratio_total']:.1f}×",
+                         _num(cmp.get("test_prediction_agreement")), _num(cmp.get("same_edits_fixed"))])
+    return _table(header, rows)
+
+
+def series_table(result: dict) -> str:
+    """SR, ER and test locality along the stream: the first point, each quarter, and the end."""
+    n = result["stream_length"]
+    wanted = {round(n * q) for q in (0.25, 0.5, 0.75, 1.0)}
+    picked = {name: {p["t"]: p for i, p in enumerate(m["series"])
+                     if i == 0 or p["t"] in wanted or i == len(m["series"]) - 1}
+              for name, m in result["methods"].items()}
+    ts = sorted({t for points in picked.values() for t in points})
+    keys = [("sr", "SR"), ("er", "ER"), ("test_retained", "test retained"), ("test_r", "TestR, netted")]
+    rows = []
+    for name, points in picked.items():
+        for key, label in keys:
+            if any(key in p for p in points.values()):
+                rows.append([name, label] + [_num(points[t].get(key)) if t in points else "" for t in ts])
+    return _table(["method", "figure"] + [f"t = {t:,}" for t in ts], rows)
+
+
+def commands_block(results: dict[str, dict]) -> str:
+    lines = [f"{r['command']}  # {stem}" for stem, r in results.items() if r.get("command")]
+    return "```bash\n" + "\n".join(lines) + "\n```\n"
+
+
+@dataclass(frozen=True)
+class Target:
+    task: str
+    figure: str
+    value: Callable[[dict], float | None]  # from the patcher's method result
+    bound: float
+    n: int
+    seeds: int = 2
+    served: bool = False  # generation judged as served
+    gr: bool = False  # a GR figure: on paraphrases never trained on
+
+
+TARGETS = (
+    Target("fact-check", "SR", lambda m: m["sr"], 0.995, 1000),
+    Target("fact-check", "ER", lambda m: m["er"], 0.98, 1000),
+    Target("fact-check", "test retained", lambda m: retained(m), 0.995, 1000),
+    Target("fact-check", "neighbour retained", lambda m: m["neighbour_r"], 0.98, 1000),
+    Target("fact-check", "GR, never trained on", lambda m: m["gr"], 0.80, 1000, gr=True),
+    Target("qa", "SR", lambda m: m["sr"], 0.99, 500, seeds=1, served=True),
+    Target("qa", "ER", lambda m: m["er"], 0.97, 500, seeds=1, served=True),
+    Target("qa", "held-out retained", lambda m: retained(m), 0.99, 500, seeds=1, served=True),
+    Target("qa", "neighbour retained", lambda m: m["neighbour_r"], 0.95, 500, seeds=1, served=True),
+    Target("qa", "GR, held-out prompts", lambda m: m["gr"], 0.60, 500, seeds=1, served=True, gr=True),
+)
+
+
+def _conditions(t: Target, runs: list[dict]) -> list[str]:
+    """How the closest runs differ from the conditions the target is set under."""
+    out = []
+    if runs[0]["N"] != t.n:
+        out.append(f"T = {runs[0]['N']:,}, not {t.n:,}")
+    if len(runs) < t.seeds:
+        out.append(f"{len(runs)} seed of {t.seeds}")
+    if t.served and any(judge(r) != "served" for r in runs):
+        out.append("teacher-forced, not as served")
+    if t.gr and any(r.get("gr_mode") != "heldout" for r in runs):
+        out.append("trained on half the paraphrases")
+    return out
+
+
+def targets_table(results: dict[str, dict]) -> str:
+    header = ["task", "figure", "target", "measured (patcher)", "met", "measured under other conditions"]
+    rows = []
+    for t in TARGETS:
+        runs = [r for r in results.values() if r["task"] == t.task and "patcher" in r["methods"]]
+        if not runs:
+            rows.append([t.task, t.figure, f"≥ {t.bound}", "not measured", "—", ""])
+            continue
+        n = max(r["N"] for r in runs)
+        runs = sorted((r for r in runs if r["N"] == n), key=lambda r: r["seed"])
+        values = [t.value(r["methods"]["patcher"]) for r in runs]
+        if any(v is None for v in values):
+            rows.append([t.task, t.figure, f"≥ {t.bound}", "not recorded", "—", ", ".join(_conditions(t, runs))])
+            continue
+        measured = " / ".join(_num(v) for v in values) + (f" (seeds {', '.join(str(r['seed']) for r in runs)})"
+                                                          if len(runs) > 1 else "")
+        met = "yes" if all(v >= t.bound for v in values) else f"no ({min(values) - t.bound:+.3f})"
+        rows.append([t.task, t.figure, f"≥ {t.bound}", measured, met, ", ".join(_conditions(t, runs))])
+    return _table(header, rows)
+
+
+# -------------------------------------------------------------------------------- README
+def load_results(folder: Path = RESULTS) -> dict[str, dict]:
+    """Every SME result (``python -m benchmarks.sme``: a JSON file with ``methods``) under ``folder``,
+    by file stem, in name order; other benchmarks' files there are left to their own tables."""
+    found = {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
+    return {stem: r for stem, r in found.items() if isinstance(r, dict) and "methods" in r}
+
+
+def table(name: str, results: dict[str, dict]) -> str:
+    simple = {"setup": setup_table, "runs": runs_table, "faithful": faithful_table, "targets": targets_table,
+              "commands": commands_block}
+    if name in simple:
+        return simple[name](results)
+    if name.startswith("series:"):
+        stem = name.split(":", 1)[1]
+        if stem not in results:
+            raise TableError(f"table {name!r}: no result file {stem}.json")
+        return series_table(results[stem])
+    raise TableError(f"unknown table {name!r}; known: {', '.join(simple)}, series:<result file stem>")
+
+
+def render(text: str, results: dict[str, dict]) -> str:
+    """``text`` with every marked table regenerated from ``results``."""
+    return BLOCK.sub(lambda m: m.group(1) + table(m.group("name"), results) + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Regenerate the tables in benchmarks/README.md from benchmarks/results/.")
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if the README is stale")
+    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    old = args.readme.read_text(encoding="utf-8")
+    try:
+        new = render(old, load_results(args.results))
+    except TableError as exc:
+        print(f"benchmarks.tables: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                       str(args.readme), "generated"))
+            return 1
+        print(f"{args.readme}: tables match {args.results}")
+        return 0
+    if new != old:
+        args.readme.write_text(new, encoding="utf-8")
+    print(f"{args.readme}: {len(BLOCK.findall(new))} tables from {len(load_results(args.results))} result files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

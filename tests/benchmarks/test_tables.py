@@ -1,0 +1,95 @@
+"""The README's result tables are what the committed JSON gives: no number is typed by hand."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from benchmarks import tables
+
+RESULTS = tables.load_results()
+
+
+def test_readme_tables_equal_what_the_committed_results_give():
+    text = tables.README.read_text(encoding="utf-8")
+    assert tables.render(text, RESULTS) == text, "stale tables: run `python -m benchmarks.tables`"
+
+
+def test_readme_shows_every_committed_result():
+    text = tables.README.read_text(encoding="utf-8")
+    names = {m.group("name") for m in tables.BLOCK.finditer(text)}
+    assert {"setup", "runs", "faithful", "targets", "commands"} <= names
+    assert RESULTS, "no result files under benchmarks/results"
+    runs = tables.runs_table(RESULTS)
+    for stem, result in RESULTS.items():
+        for method in result["methods"]:
+            assert f"| `{stem}` | {method}" in runs
+
+
+def test_check_catches_a_number_typed_by_hand(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    good = tables.render(tables.README.read_text(encoding="utf-8"), RESULTS)
+    sr = tables._num(RESULTS["qa-T200-s0"]["methods"]["patcher"]["sr"])
+    row = next(line for line in good.splitlines() if line.startswith("| `qa-T200-s0` | patcher |"))
+    readme.write_text(good.replace(row, row.replace(f"| {sr} |", "| 0.999 |")), encoding="utf-8")
+    assert tables.main(["--check", "--readme", str(readme)]) == 1
+    assert "0.999" in capsys.readouterr().out
+    assert tables.main(["--readme", str(readme)]) == 0
+    assert readme.read_text(encoding="utf-8") == good
+    assert tables.main(["--check", "--readme", str(readme)]) == 0
+
+
+def test_unknown_tables_are_errors(tmp_path):
+    with pytest.raises(tables.TableError, match="unknown table"):
+        tables.render("<!-- table:nonsense -->\n<!-- /table:nonsense -->", RESULTS)
+    with pytest.raises(tables.TableError, match="no result file"):
+        tables.render("<!-- table:series:missing-run -->\n<!-- /table:series:missing-run -->", RESULTS)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- table:nonsense -->\n<!-- /table:nonsense -->\n")
+    assert tables.main(["--readme", str(readme)]) == 2
+
+
+def test_other_benchmarks_results_are_left_out(tmp_path):
+    (tmp_path / "scale-1b.json").write_text(json.dumps({"modes": {"cached": {"ms_per_step": 2.0}}}))
+    (tmp_path / "qa-T200-s0.json").write_text(json.dumps(RESULTS["qa-T200-s0"]))
+    assert list(tables.load_results(tmp_path)) == ["qa-T200-s0"]
+
+
+def test_prose_outside_the_markers_is_kept():
+    text = "before\n<!-- table:faithful -->\nold\n<!-- /table:faithful -->\nafter\n"
+    out = tables.render(text, RESULTS)
+    assert out.startswith("before\n<!-- table:faithful -->\n| result |") and out.endswith("<!-- /table:faithful -->\nafter\n")
+    assert "old" not in out
+
+
+def _qa_run(seed: int, judge: str | None, gr_mode: str, n: int = 500) -> dict:
+    r = copy.deepcopy(RESULTS["qa-T200-s0"])
+    r.update(seed=seed, N=n, gr_mode=gr_mode)
+    r.pop("judge", None)
+    if judge:
+        r["judge"] = judge
+    r["methods"]["patcher"]["test_locality"] = {"n": 100, "base_correct": 50, "kept": 50, "broken": 0,
+                                                "fixed_by_accident": 3, "retained": 1.0}
+    r["methods"]["patcher"].update(sr=1.0, er=0.99, neighbour_r=0.96, gr=0.61)
+    return r
+
+
+def test_targets_name_the_conditions_a_run_differs_in():
+    old = tables.targets_table({"a": _qa_run(0, None, "half", n=200)})
+    sr = next(line for line in old.splitlines() if line.startswith("| qa | SR |"))
+    assert "| yes |" in sr and "T = 200, not 500" in sr and "teacher-forced, not as served" in sr
+    new = tables.targets_table({"a": _qa_run(0, "served", "heldout")})
+    for line in new.splitlines():
+        if line.startswith("| qa |"):
+            assert line.endswith("| yes |  |"), line
+    assert "| fact-check | SR | ≥ 0.995 | not measured |" in new
+    worse = _qa_run(0, "served", "heldout")
+    worse["methods"]["patcher"]["er"] = 0.95
+    assert "| qa | ER | ≥ 0.97 | 0.950 | no (-0.020) |" in tables.targets_table({"a": worse})
+
+
+def test_results_are_strict_json():
+    for path in sorted(tables.RESULTS.glob("*.json")):
+        json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name}: {c} is not JSON"))
