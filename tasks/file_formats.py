@@ -86,8 +86,10 @@ def complete_end(data: bytes, suffix: str) -> int:
     being written and waits for the next night, unless it is already one whole JSON object."""
     end = data.rfind(b"\n") + 1
     tail = data[end:]
-    if not tail.strip() or suffix == ".csv":
-        return len(data) if not tail.strip() else end
+    if not tail.strip():
+        return len(data)
+    if suffix == ".csv":  # a cut CSV record can look whole ("nega" for "negative"): always wait
+        return end
     try:
         whole = isinstance(json.loads(tail.removeprefix(_BOM)), dict)
     except (ValueError, RecursionError):

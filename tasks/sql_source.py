@@ -111,6 +111,12 @@ def ingest_sql(source: SourceConfig, previous: dict[str, Any] | None, known: Kno
     if cursor is not None and "column" in cursor and cursor["column"] != source.cursor_column:
         cursor = None  # a new cursor column: read everything once, rows already read are skipped
     legacy = cursor is not None and "column" not in cursor  # version 1: (logged_at, id)
+    if legacy and source.cursor_column != "logged_at":
+        raise SourceError(
+            f"the committed watermark of table {source.table!r} predates cursor_column; run one night "
+            "with cursor_column: logged_at (the default) before switching to "
+            f"{source.cursor_column!r}, so the rows read so far are known"
+        )
     last = None if cursor is None else decode_cursor_value(cursor["logged_at" if legacy else "value"])
     engine = make_engine(source.url)
     try:
@@ -136,7 +142,11 @@ def ingest_sql(source: SourceConfig, previous: dict[str, Any] | None, known: Kno
     last_key = _order_key(last, True) if text and isinstance(last, str) else last
     if last_key is not None and text:
         bound = _back(last_key, source.lookback)
-        keyed = [(k, r) for k, r in keyed if k is None or k >= bound]
+        if legacy:  # version 1 read up to (logged_at, id) exactly
+            last_id = decode_cursor_value(cursor["id"])
+            keyed = [(k, r) for k, r in keyed if k is None or k > bound or (k == bound and r["id"] is not None and r["id"] > last_id)]
+        else:
+            keyed = [(k, r) for k, r in keyed if k is None or k >= bound]
     ordered = sorted(((k, r) for k, r in keyed if k is not None), key=lambda kr: (kr[0], str(kr[1]["id"])))
     unordered = [r for k, r in keyed if k is None]
     legacy_seen = set(previous.get("null_keys") or [])

@@ -643,3 +643,23 @@ def test_postgres_row_committed_after_the_night_with_a_lower_key(postgres) -> No
     assert ingest(lossy, state, "lossy").rows == []
     engine.dispose()
     state.close()
+
+
+def test_sql_version_1_watermark_resumes_after_its_cursor(error_db: tuple[str, sa.Table], state: StateStore) -> None:
+    url, table = error_db
+    insert(url, table, [sql_row("a", "2025-01-01T10:00:00Z"), sql_row("b", "2025-01-01T10:00:00Z")])
+    v1 = {"kind": "sql", "table": "errors", "null_keys": [],
+          "cursor": {"logged_at": encode_cursor_value("2025-01-01T10:00:00Z"), "id": encode_cursor_value("a")}}
+    state.commit_watermark(MODEL, v1, run_id="old")
+    assert ids(ingest(SourceConfig(kind="sql", url=url, table="errors"), state, MODEL)) == ["b"]
+    with pytest.raises(SourceError, match="predates cursor_column"):
+        ingest(SourceConfig(kind="sql", url=url, table="errors", cursor_column="input"), state, MODEL)
+
+
+def test_sql_switching_cursor_column_reads_nothing_twice(tmp_path: Path, state: StateStore) -> None:
+    url, table = text_stamp_db(tmp_path)
+    insert(url, table, [{"id": "a", "logged_at": "2025-01-01T10:00:00Z", "input": "in a", "correction": "positive"}])
+    commit(state, ingest(SourceConfig(kind="sql", url=url, table="errors"), state, MODEL), "n1")
+    insert(url, table, [{"id": "b", "logged_at": "2025-01-01T09:00:00Z", "input": "in b", "correction": "positive"}])
+    batch = ingest(SourceConfig(kind="sql", url=url, table="errors", cursor_column="seq"), state, MODEL)
+    assert ids(batch) == ["b"] and batch.skipped_known == 1
