@@ -141,3 +141,21 @@ def test_ft_builds_every_tensor_on_the_models_device(family: str):
     with torch.device("meta"):
         result = tuner.edit(EditRequest("x", text, target, equivalents=[tiny.SENTENCES[1]]))
     assert result.already_correct or result.steps >= 1
+
+
+def test_a_generation_task_judged_as_served():
+    """The QA path: a tiny Llama, answers judged by greedy generation, the stream from its own mistakes."""
+    model, tok = tiny.build("llama")
+    s = tiny.SENTENCES
+    pool = [harness.Item(f"g{i}", s[i], " red car", [f"{s[i]} today"]) for i in range(6)]
+    task = harness.Task(name="synthetic-qa", model=model, tokenizer=tok, edit_pool=pool, memory_texts=s[6:],
+                        train_eval=[(t, " blue sky") for t in s[10:14]], test_eval=[(t, " the sun") for t in s[14:20]])
+    result = sme.run_benchmark(task, n_edits=2, seed=0, methods=("patcher", "ft"),
+                               patcher_config={"memory_size": 200, "max_steps": 30}, ft_config={"max_steps": 3},
+                               every=1, progress=False)
+    assert result["kind"] == "generation" and result["judge"] == "served"
+    served = served_correct(model, tok, [it.input for it in pool], [it.target for it in pool])
+    assert result["base_mistakes"] == served.count(False) and result["stream_length"] == min(2, served.count(False))
+    patched = result["methods"]["patcher"]
+    assert patched["edited"] + patched["fixed_before_edit"] == result["stream_length"]
+    assert 0.0 <= patched["folded_test_agreement"] <= 1.0
