@@ -114,24 +114,28 @@ def _decoder_inputs(model: nn.Module, labels: list[int]) -> list[int]:
     return [int(start)] + list(labels[:-1])
 
 
-def collate(items: list[Encoded], pad: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; every query position stays where it was."""
+def collate(items: list[Encoded], pad: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch onto ``device`` (the model's); every query position stays where it was."""
     batch: dict[str, torch.Tensor] = {}
     for key in items[0].inputs:
         seqs = [it.inputs[key] for it in items]
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = 1
-        batch[key] = ids
-        batch["attention_mask" if key == "input_ids" else "decoder_attention_mask"] = mask
+        rows = [s + [pad] * (width - len(s)) for s in seqs]
+        mask = [[1] * len(s) + [0] * (width - len(s)) for s in seqs]
+        batch[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        batch["attention_mask" if key == "input_ids" else "decoder_attention_mask"] = torch.tensor(
+            mask, dtype=torch.long, device=device)
     return batch
 
 
+def labels_of(items: list[Encoded], device: torch.device | str | None = None) -> torch.Tensor:
+    """The labels at every query position of ``items``, concatenated in order, on ``device``."""
+    return torch.tensor([lab for it in items for lab in it.labels], dtype=torch.long, device=device)
+
+
 def gather_positions(tensor: torch.Tensor, items: list[Encoded]) -> torch.Tensor:
-    """(B, T, d) -> (sum of positions, d), in item order."""
-    rows = torch.cat([torch.full((len(it.positions),), i, dtype=torch.long) for i, it in enumerate(items)])
-    cols = torch.cat([torch.tensor(it.positions, dtype=torch.long) for it in items])
-    return tensor[rows, cols]
+    """(B, T, d) -> (sum of positions, d), in item order (index tensors on ``tensor``'s device)."""
+    rows = [i for i, it in enumerate(items) for _ in it.positions]
+    cols = [p for it in items for p in it.positions]
+    index = torch.tensor([rows, cols], dtype=torch.long, device=tensor.device)
+    return tensor[index[0], index[1]]

@@ -1,5 +1,6 @@
 """Bad input is refused with a PatchError a person can act on, before anything is patched; and
-the query positions are where DESIGN §3 says."""
+the query positions are where the heads read (classification: the first token; generation: the
+position that predicts each target token)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests import tiny
 from tests.patcher import _common as C
 
 torch.set_num_threads(1)
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # float() on a grad tensor in _train
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 LONG = " ".join(["the big red car"] * 20)  # 80 words; the tiny models take 64 positions
 
