@@ -36,7 +36,7 @@ from tasks.file_formats import (
     sniff_binary,
 )
 from tasks.records import FileProblem, RawRow
-from tasks.sources import IngestBatch, SourceError, row_digest
+from tasks.sources import IngestBatch, SourceError, keep_unseen, row_digest
 from tasks.state import NEW_ROWS
 
 Known = Callable[[Iterable[str]], set[str]]
@@ -88,18 +88,10 @@ def ingest_files(directory: Path, previous: dict[str, Any] | None, known: Known 
             batch.file_problems.append(result.problem)
         if result.waiting is not None:
             batch.waiting.append(result.waiting)
-    earlier = known(digests) if known is not None and digests else set()
-    kept_rows: list[RawRow] = []
-    kept_digests: dict[str, None] = {}
-    for row, digest in zip(batch.rows, digests):
-        if digest in earlier or digest in kept_digests:
-            batch.skipped_known += 1
-            continue
-        kept_rows.append(row)
-        kept_digests[digest] = None
+    kept_rows, kept_digests, batch.skipped_known = keep_unseen(batch.rows, digests, known)
     batch.rows = kept_rows
     batch.rows_read = len(kept_rows)
-    batch.pending_watermark = {"kind": "files", "version": 2, "files": files, NEW_ROWS: list(kept_digests)}
+    batch.pending_watermark = {"kind": "files", "version": 2, "files": files, NEW_ROWS: kept_digests}
     return batch
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -68,3 +68,20 @@ def row_digest(raw: str, context: str = "") -> str:
     digest.update(raw.encode("utf-8", "backslashreplace"))
     return digest.hexdigest()
 
+
+
+def keep_unseen(
+    rows: list[RawRow], digests: list[str], known: Callable[[Iterable[str]], set[str]] | None,
+    also_known: Callable[[RawRow], bool] = lambda row: False,
+) -> tuple[list[RawRow], list[str], int]:
+    """Drop rows an earlier night ingested (`known` digests, or `also_known`) or read twice
+    tonight; return the kept rows, their digests and how many were dropped."""
+    earlier = known(digests) if known is not None and digests else set()
+    kept_rows: list[RawRow] = []
+    kept: dict[str, None] = {}
+    for row, digest in zip(rows, digests):
+        if digest in earlier or digest in kept or also_known(row):
+            continue
+        kept_rows.append(row)
+        kept[digest] = None
+    return kept_rows, list(kept), len(rows) - len(kept_rows)

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from tasks.fields import parse_timestamp
 from tasks.file_formats import to_json
 from tasks.records import RawRow
-from tasks.sources import IngestBatch, SourceConfig, SourceError, row_digest
+from tasks.sources import IngestBatch, SourceConfig, SourceError, keep_unseen, row_digest
 from tasks.state import NEW_ROWS, make_engine
 
 Known = Callable[[Iterable[str]], set[str]]
@@ -144,29 +144,22 @@ def ingest_sql(source: SourceConfig, previous: dict[str, Any] | None, known: Kno
         bound = _back(last_key, source.lookback)
         if legacy:  # version 1 read up to (logged_at, id) exactly
             last_id = decode_cursor_value(cursor["id"])
-            keyed = [(k, r) for k, r in keyed if k is None or k > bound or (k == bound and r["id"] is not None and r["id"] > last_id)]
+            after = lambda k, r: k > bound or (k == bound and r["id"] is not None and r["id"] > last_id)  # noqa: E731
+            keyed = [(k, r) for k, r in keyed if k is None or after(k, r)]
         else:
             keyed = [(k, r) for k, r in keyed if k is None or k >= bound]
     ordered = sorted(((k, r) for k, r in keyed if k is not None), key=lambda kr: (kr[0], str(kr[1]["id"])))
     unordered = [r for k, r in keyed if k is None]
-    legacy_seen = set(previous.get("null_keys") or [])
 
-    batch = IngestBatch(pending_watermark={})
-    candidates = [(r, to_json(r)) for _, r in ordered] + [(r, to_json(r)) for r in unordered]
-    digests = [row_digest(raw, str(source.table)) for _, raw in candidates]
-    earlier = known(digests) if known is not None and digests else set()
-    kept: dict[str, None] = {}
-    for (record, raw), digest in zip(candidates, digests):
-        if digest in earlier or digest in kept or hashlib.sha256(raw.encode()).hexdigest() in legacy_seen:
-            batch.skipped_known += 1
-            continue
-        kept[digest] = None
-        batch.rows.append(RawRow(origin=f"{source.table}:{record['id']}", data=record, raw=raw))
-    batch.rows_read = len(batch.rows)
-
+    rows = [RawRow(origin=f"{source.table}:{r['id']}", data=r, raw=to_json(r)) for _, r in ordered]
+    rows += [RawRow(origin=f"{source.table}:{r['id']}", data=r, raw=to_json(r)) for r in unordered]
+    legacy_seen = set(previous.get("null_keys") or [])  # version 1: hashes of rows without a cursor
+    kept, digests, skipped = keep_unseen(
+        rows, [row_digest(r.raw, str(source.table)) for r in rows], known,
+        also_known=lambda row: hashlib.sha256(row.raw.encode()).hexdigest() in legacy_seen,
+    )
     keys = [k for k, _ in ordered] + ([] if last_key is None else [last_key])
     newest = max(keys) if keys else None
     value = None if newest is None else {"column": source.cursor_column, "value": encode_cursor_value(newest)}
-    batch.pending_watermark = {"kind": "sql", "version": 2, "table": source.table, "cursor": value,
-                               NEW_ROWS: list(kept)}
-    return batch
+    watermark = {"kind": "sql", "version": 2, "table": source.table, "cursor": value, NEW_ROWS: digests}
+    return IngestBatch(rows=kept, pending_watermark=watermark, rows_read=len(kept), skipped_known=skipped)
