@@ -11,8 +11,8 @@ from pydantic import BaseModel
 
 from tasks.config import load_config
 from tasks.ingest import StateStore
-from tasks.night import (commit_watermark, cleanup, gate_candidate, ingest_errors, ledger_after, load_parent,
-                         night_lock, patch_errors, register_candidate, validate_errors)
+from tasks.night import (candidate_ledger, cleanup, commit_watermark, gate_candidate, ingest_errors, load_parent,
+                         night_lock, patch_errors, quarantine_unpatchable, register_candidate, validate_errors)
 from tasks.patch import torch_threads
 from tasks.quarantine import QuarantineStore
 from tasks.registry import Registry
@@ -55,14 +55,17 @@ def nightly(model: str, config_dir: str = "deployments", progress: bool = True) 
             return NightReport(model=cfg.name, status="nothing-new", parent_version=parent.version, **counts,
                                message="no new valid errors tonight")
         run = patch_errors(cfg, parent, checked.accepted, progress)
+        # A record the patcher refused is quarantined like any rejected row, and the night goes on.
+        moved = quarantine_unpatchable(cfg, run, checked.accepted, run_id, quarantine)
+        counts.update(accepted=counts["accepted"] - moved, quarantined=counts["quarantined"] + moved)
         if not run.applied:
             commit_watermark(cfg, state, batch, run_id)
             cleanup(cfg, run)
             return NightReport(model=cfg.name, status="nothing-to-patch", parent_version=parent.version, **counts,
                                resumed_after=run.resumed_after,
-                               message=f"{len(run.outcomes)} errors: none needed (or took) a patch")
-        ledger = ledger_after(parent, checked.accepted, run)
-        report = gate_candidate(cfg, parent, run, checked.accepted, ledger)
+                               message=f"{len(run.results)} errors: none needed (or took) a patch")
+        ledger = candidate_ledger(cfg, parent, checked.accepted, run)
+        report = gate_candidate(cfg, parent, run, ledger)
         if not report.passed:
             # Nothing is registered and the watermark stays: tomorrow's night sees these rows again.
             return NightReport(model=cfg.name, status="gate-failed", parent_version=parent.version, **counts,

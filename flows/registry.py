@@ -21,8 +21,9 @@ def promote(model: str, reason: str, version: str | None = None, config_dir: str
 
 @flow(name="patchflow-rollback")
 def rollback(model: str, reason: str, to_version: str | None = None, config_dir: str = "deployments") -> str:
-    """Put the previous champion (or ``to_version``) back."""
+    """Put the previous champion (or ``to_version``) back; challengers built on a rolled-back
+    version are retired, so no later night builds on them."""
     cfg = load_config(model, Path(config_dir))
-    info = Registry(cfg.resolved_tracking_uri).rollback(cfg.name, reason=reason, to_version=to_version)
-    get_run_logger().info("%s: rolled back to version %s (%s)", cfg.name, info.version, reason)
-    return info.version
+    result = Registry(cfg.resolved_tracking_uri).rollback(cfg.name, reason=reason, to_version=to_version)
+    get_run_logger().info("%s (%s)", result.message, reason)
+    return result.version

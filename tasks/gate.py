@@ -1,5 +1,6 @@
 """The gate: a candidate is registered only if it fixes tonight's edits, keeps every earlier
-edit, generalises to the paraphrases given and does not regress on held-out inputs.
+edit, generalises to paraphrases it was never trained on and keeps what the parent got right on
+held-out inputs (locality as a retained share: items fixed by accident never offset breakage).
 
 A failed gate says which check failed and by how much; the metric functions are patcher's, so
 the gate and the benchmarks measure the same thing.
@@ -7,7 +8,6 @@ the gate and the benchmarks measure the same thing.
 
 from __future__ import annotations
 
-import math
 import statistics
 
 from pydantic import BaseModel
@@ -56,28 +56,36 @@ def _check(name: str, value: float, threshold: float, comparison: str) -> GateCh
 def decide(
     thresholds: GateThresholds,
     run: PatchRun,
-    champion_holdout: list[bool],
+    parent_holdout: list[bool],
     candidate_holdout: list[bool],
     ledger_correct: list[bool],
-    paraphrase_correct: list[bool],
+    heldout_paraphrase_correct: list[bool],
 ) -> GateReport:
-    """Compute SR, ER, GR, TestR/drawdown and compare them with the thresholds."""
-    acc_before, acc_after = metrics.rate(champion_holdout), metrics.rate(candidate_holdout)
-    test_r = metrics.locality(acc_after, acc_before)
-    seconds = [o.seconds for o in run.attempted]
+    """SR (the editor's check right after each edit), ER (the candidate, as served, on every edit in
+    the ledger), GR (as served, on paraphrases never trained on) and locality (the share of the
+    held-out items the parent got right that the candidate still gets right), against the thresholds."""
+    local = metrics.locality(parent_holdout, candidate_holdout)
+    acc_before, acc_after = metrics.rate(parent_holdout), metrics.rate(candidate_holdout)
+    seconds = [r.seconds for r in run.attempted]
     values = {
-        "success_rate": metrics.success_rate([o.fixed for o in run.attempted]),
+        "success_rate": metrics.success_rate([r.fixed for r in run.attempted]),
         "edit_retain_rate": metrics.edit_retain_rate(ledger_correct),
-        "generalization_rate": metrics.generalization_rate(paraphrase_correct),
-        "test_r": test_r,
-        "drawdown": 1.0 - test_r if test_r == test_r else math.nan,
-        "holdout_accuracy_champion": acc_before,
+        "generalization_rate": metrics.generalization_rate(heldout_paraphrase_correct),
+        "heldout_paraphrases": float(len(heldout_paraphrase_correct)),
+        "locality": local.retained,
+        "drawdown": 1.0 - local.retained,
+        "holdout_base_correct": float(local.base_correct),
+        "holdout_broken": float(local.broken),
+        "holdout_fixed_by_accident": float(local.fixed_by_accident),
+        "test_r": metrics.net_ratio(acc_after, acc_before),
+        "holdout_accuracy_parent": acc_before,
         "holdout_accuracy_candidate": acc_after,
-        "edits_logged": float(len(run.outcomes)),
+        "edits_logged": float(len(run.results) + len(run.failed)),
         "edits_attempted": float(len(run.attempted)),
         "edits_applied": float(len(run.applied)),
-        "already_correct": float(len(run.outcomes) - len(run.attempted)),
-        "neurons_added": float(sum(o.neurons for o in run.applied)),
+        "edits_unpatchable": float(len(run.failed)),
+        "already_correct": float(len(run.results) - len(run.attempted)),
+        "neurons_added": float(sum(r.neurons for r in run.applied)),
         "ledger_size": float(len(ledger_correct)),
         "seconds_per_edit_median": statistics.median(seconds) if seconds else 0.0,
         "seconds_patching": float(sum(seconds)),

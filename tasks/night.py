@@ -1,6 +1,7 @@
 """The Prefect tasks of one night. Each is a thin, typed step over the plain functions in
-tasks/ (ingest, validate, quarantine, patch, gate, registry), so the flow reads like the
-paragraph in DEVELOPERS.md and every step shows up in the Prefect UI with its own state.
+tasks/ (ingest, validate, quarantine, patch, gate, registry), so the flow reads like the night
+itself (ingest, validate, patch, gate, register) and every step shows up in the Prefect UI with
+its own state.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from patcher import EditRequest
-from patcher.encoding import max_length
+from patcher import PatchError, resolve_family
+from patcher.encoding import encode, max_length
 from tasks.config import ModelConfig
-from tasks.evaluate import ModelRef, evaluate
+from tasks.evaluate import ModelRef, evaluate_sets
 from tasks.gate import GateReport, decide
 from tasks.ingest import IngestBatch, StateStore, ingest
-from tasks.patch import PatchRun, clear_checkpoint, patch_night
+from tasks.patch import PatchFailure, PatchRun, clear_checkpoint, ledger_after, patch_night
 from tasks.quarantine import QuarantineStore, file_problem_rows
-from tasks.records import ErrorRecord
-from tasks.registry import LoadedVersion, Registry, RegistryError, RegistryUnavailable
+from tasks.records import ErrorRecord, LedgerEntry, QuarantineRow
+from tasks.registry import LoadedVersion, Registry
 from tasks.validate import ValidationContext, ValidationResult, validate
 from tasks.examples import read_examples
 
@@ -60,39 +61,14 @@ def night_lock(cfg: ModelConfig):
         handle.close()
 
 
-def _ledger_requests(entries: list[dict]) -> list[EditRequest]:
-    return [EditRequest(id=str(e["id"]), input=e["input"], target=e["correction"], equivalents=e.get("equivalents") or [])
-            for e in entries if "input" in e and "correction" in e]
-
-
 @task(name="load-parent", cache_policy=NO_CACHE)
 def load_parent(registry: Registry, cfg: ModelConfig) -> LoadedVersion:
-    """The version tonight builds on: the champion, or a challenger that already extends it
-    (so edits awaiting promotion are not dropped by the next night)."""
-    logger = get_run_logger()
-    champion = registry.info(cfg.name, "champion")
-    parent = champion
-    try:
-        challenger = registry.info(cfg.name, "challenger")
-        if int(challenger.version) > int(champion.version) and _descends(registry, cfg.name, challenger.version, champion.version):
-            parent = challenger
-    except RegistryUnavailable:
-        raise
-    except RegistryError:  # no challenger
-        pass
-    loaded = registry.load_version(cfg.name, parent.version)
-    logger.info("building on %s version %s (%d edits so far)", cfg.name, loaded.version, len(loaded.ledger))
+    """The version tonight builds on: the champion, or a challenger that already extends it (so
+    edits awaiting promotion are not dropped), never a lineage that holds a rolled-back version."""
+    base = registry.night_base(cfg.name)
+    loaded = registry.load_version(cfg.name, base.version, device=cfg.device, dtype=cfg.dtype)
+    get_run_logger().info("building on %s version %s (%d edits so far)", cfg.name, loaded.version, len(loaded.ledger))
     return loaded
-
-
-def _descends(registry: Registry, name: str, version: str, ancestor: str) -> bool:
-    seen = set()
-    while version and version not in seen:
-        if version == ancestor:
-            return True
-        seen.add(version)
-        version = registry.info(name, version).parent_version
-    return False
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -100,6 +76,21 @@ def ingest_errors(cfg: ModelConfig, state: StateStore) -> IngestBatch:
     batch = ingest(cfg.source, state, cfg.name)
     get_run_logger().info("ingested %d new rows (%d unreadable files)", batch.rows_read, len(batch.file_problems))
     return batch
+
+
+def edit_checker(model, tokenizer):
+    """Whether the patcher can take an (input, correction) pair, asked of the patcher itself: the
+    prompt and target must fit the model and the label must exist. Returns the reason, or None."""
+    family = resolve_family(model)
+
+    def check(text: str, correction: str) -> str | None:
+        try:
+            encode(model, tokenizer, family, text, correction)
+        except PatchError as exc:
+            return f"unpatchable: {exc}"
+        return None
+
+    return check
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -111,7 +102,8 @@ def validate_errors(cfg: ModelConfig, batch: IngestBatch, parent: LoadedVersion,
     ctx = ValidationContext(
         model=cfg.name, run_id=run_id, labels=labels, max_input_tokens=max_length(model, tokenizer),
         count_tokens=lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"]),
-        known_ids={str(e["id"]) for e in parent.ledger_entries} | set(parent.ledger),
+        known_ids={e.id for e in parent.ledger}, max_chars=cfg.max_input_chars,
+        check_edit=edit_checker(model, tokenizer),
         data_docs_dir=cfg.model_workdir / "gx_data_docs", naive_timestamps=cfg.naive_timestamps,
     )
     result = validate(batch.rows, ctx)
@@ -139,64 +131,65 @@ def patch_errors(cfg: ModelConfig, parent: LoadedVersion, records: list[ErrorRec
     logger = get_run_logger()
     bar = tqdm(total=len(records), desc=f"patching {cfg.name}", unit="edit", disable=not progress)
 
-    def on_edit(i: int, n: int, outcome) -> None:
+    def on_edit(i: int, n: int, step) -> None:
         bar.update(1)
-        if i % 10 == 0 or i == n:
-            logger.info("edit %d/%d %s: %s", i, n, outcome.id,
-                        "already correct" if outcome.already_correct else ("fixed" if outcome.fixed else "NOT fixed"))
+        if isinstance(step, PatchFailure):
+            logger.warning("edit %d/%d %s: %s", i, n, step.id, step.reason)
+        elif i % 10 == 0 or i == n:
+            logger.info("edit %d/%d %s: %s", i, n, step.id,
+                        "already correct" if step.already_correct else ("fixed" if step.fixed else "NOT fixed"))
 
     try:
-        run = patch_night(cfg, parent, records, _ledger_requests(parent.ledger_entries), on_edit)
+        run = patch_night(cfg, parent, records, on_edit)
     finally:
         bar.close()
     if run.resumed_after:
         logger.info("resumed after %d edits from checkpoint %s", run.resumed_after, run.night_key)
-    logger.info("patched: %d applied, %d already correct, %d not fixable", len(run.applied),
-                len(run.outcomes) - len(run.attempted), len(run.attempted) - len(run.applied))
+    logger.info("patched: %d applied, %d already correct, %d not fixed, %d unpatchable", len(run.applied),
+                len(run.results) - len(run.attempted), len(run.attempted) - len(run.applied), len(run.failed))
     return run
 
 
+@task(name="quarantine-unpatchable", cache_policy=NO_CACHE)
+def quarantine_unpatchable(cfg: ModelConfig, run: PatchRun, records: list[ErrorRecord], run_id: str,
+                           quarantine: QuarantineStore) -> int:
+    """Records the patcher refused go to the quarantine with its reason, like any rejected row."""
+    by_id = {r.id: r for r in records}
+    rows = [QuarantineRow(model=cfg.name, run_id=run_id, origin=by_id[f.id].origin, record_id=f.id,
+                          raw=by_id[f.id].model_dump_json(), reasons=[f.reason]) for f in run.failed]
+    return quarantine.add(rows) if rows else 0
+
+
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_candidate(cfg: ModelConfig, parent: LoadedVersion, run: PatchRun, records: list[ErrorRecord],
-                   ledger: list[dict]) -> GateReport:
-    """Held-out locality (candidate vs parent), SR on tonight's edits, ER on the whole ledger, GR."""
-    holdout = read_examples(cfg.holdout)
-    inputs, targets = [e.input for e in holdout], [e.correction for e in holdout]
-    parent_ref = ModelRef(base_folder=parent.base_folder, patch_dir=None if parent.patch_set is None else _parent_patch_dir(parent))
-    candidate_ref = ModelRef(base_folder=parent.base_folder, patch_dir=run.patch_dir)
-    champion_holdout = evaluate(parent_ref, inputs, targets, cfg.evaluation, loaded=(parent.model, parent.tokenizer))
-    applied = {o.id for o in run.applied}
-    paraphrases = [(eq, r.correction) for r in records if r.id in applied for eq in r.equivalents]
-    edits = [(e["input"], e["correction"]) for e in ledger]
-    cand_inputs = inputs + [x for x, _ in edits] + [x for x, _ in paraphrases]
-    cand_targets = targets + [y for _, y in edits] + [y for _, y in paraphrases]
-    flags = evaluate(candidate_ref, cand_inputs, cand_targets, cfg.evaluation)
-    n, m = len(inputs), len(edits)
-    report = decide(cfg.gate, run, champion_holdout, flags[:n], flags[n : n + m], flags[n + m :])
+def gate_candidate(cfg: ModelConfig, parent: LoadedVersion, run: PatchRun, ledger: list[LedgerEntry]) -> GateReport:
+    """Locality on the held-out set (candidate vs parent), SR on tonight's edits, ER on the whole
+    ledger, GR on tonight's held-out paraphrases; every judgement as the model is served."""
+    holdout = [(e.input, e.correction) for e in read_examples(cfg.holdout)]
+    parent_ref = ModelRef(base_folder=parent.base_folder, patch_dir=parent.patch_dir, device=cfg.device, dtype=cfg.dtype)
+    candidate_ref = parent_ref.model_copy(update={"patch_dir": run.patch_dir})
+    applied = {r.id for r in run.applied}
+    paraphrases = [(p, e.correction) for e in ledger if e.id in applied for p in e.heldout_equivalents]
+    before = evaluate_sets(parent_ref, {"holdout": holdout}, cfg.evaluation, loaded=(parent.model, parent.tokenizer))
+    after = evaluate_sets(candidate_ref, {"holdout": holdout, "ledger": [(e.input, e.correction) for e in ledger],
+                                          "paraphrases": paraphrases}, cfg.evaluation)
+    report = decide(cfg.gate, run, before["holdout"], after["holdout"], after["ledger"], after["paraphrases"])
     create_markdown_artifact(key=f"{_key(cfg.name)}-gate", markdown=_gate_markdown(cfg.name, report),
                              description=report.summary())
     (get_run_logger().info if report.passed else get_run_logger().warning)(report.summary())
     return report
 
 
-def _parent_patch_dir(parent: LoadedVersion) -> Path:
-    directory = parent.base_folder.parent / f"parent-v{parent.version}-patches"
-    if not (directory / "manifest.json").is_file():
-        parent.patch_set.save(directory)
-    return directory
-
-
 @task(name="register", cache_policy=NO_CACHE, retries=0)
 def register_candidate(registry: Registry, cfg: ModelConfig, parent: LoadedVersion, run: PatchRun,
-                       report: GateReport, ledger: list[dict], flow_run_id: str):
+                       report: GateReport, ledger: list[LedgerEntry], flow_run_id: str):
     step_metrics = []
     fixed = attempted = neurons = 0
-    for i, o in enumerate(run.outcomes, 1):
-        attempted += not o.already_correct
-        fixed += o.fixed and not o.already_correct
-        neurons += o.neurons
+    for i, r in enumerate(run.results, 1):
+        attempted += not r.already_correct
+        fixed += r.fixed and not r.already_correct
+        neurons += r.neurons
         step_metrics.append({"step": i, "success_rate": fixed / attempted if attempted else 1.0,
-                             "neurons": neurons, "seconds": o.seconds, "steps": o.steps})
+                             "neurons": neurons, "seconds": r.seconds, "steps": r.steps})
     alias = "champion" if cfg.auto_promote else "challenger"
     info = registry.register_candidate(
         cfg.name, run.patch_dir, metrics=report.metrics, step_metrics=step_metrics, ledger=ledger,
@@ -212,16 +205,8 @@ def commit_watermark(cfg: ModelConfig, state: StateStore, batch: IngestBatch, ru
     state.commit_watermark(cfg.name, batch.pending_watermark, run_id)
 
 
-def ledger_after(parent: LoadedVersion, records: list[ErrorRecord], run: PatchRun) -> list[dict]:
-    """The cumulative edit ledger of the candidate: the parent's entries plus tonight's applied edits."""
-    applied = {o.id: o for o in run.applied}
-    entries = [e for e in parent.ledger_entries if "input" in e]
-    for r in records:
-        if r.id in applied:
-            entries.append({"id": r.id, "input": r.input, "correction": r.correction, "equivalents": r.equivalents,
-                            "logged_at": r.logged_at.isoformat(), "origin": r.origin,
-                            "neurons": applied[r.id].neurons, "steps": applied[r.id].steps})
-    return entries
+def candidate_ledger(cfg: ModelConfig, parent: LoadedVersion, records: list[ErrorRecord], run: PatchRun) -> list[LedgerEntry]:
+    return ledger_after(parent.ledger, records, run, cfg.paraphrase_holdout)
 
 
 def cleanup(cfg: ModelConfig, run: PatchRun) -> None:

@@ -6,6 +6,7 @@ group is the one we created), and is always stopped in a ``finally``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -84,3 +85,99 @@ def tail(log: Path, n: int = 4000) -> str:
         return log.read_text(errors="replace")[-n:]
     except OSError:
         return "(no log)"
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on loopback, over any backend store (SQLite file, PostgreSQL)."""
+
+    def __init__(self, root: Path, backend_store_uri: str | None = None):
+        self.root, self.port = root, free_port()
+        self.backend = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"mlflow-server-{self.starts}.log"
+        cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend,
+               "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.proc = start(cmd, log, child_env())
+        wait_http(f"{self.url}/health", self.proc, log, timeout=180)
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+
+def api_call(url: str, method: str = "GET", body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+class PrefectStack:
+    """A real ``prefect server`` (SQLite or PostgreSQL), the ``patchflow`` process work pool, the
+    deployments of prefect.yaml deployed from the repository, and a worker started elsewhere that
+    finds the code through the deployment's pull step alone (PATCHFLOW_HOME, resolved at run time)."""
+
+    def __init__(self, root: Path, database_url: str, extra_env: dict[str, str] | None = None):
+        self.root, self.port = root, free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        home = root / "prefect-home"
+        self.env = child_env(
+            PREFECT_HOME=str(home), PREFECT_API_URL=self.api, PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
+            PREFECT_API_DATABASE_CONNECTION_URL=database_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_UI_ENABLED="false", PYTHONPATH=None, **(extra_env or {}))
+        self.server: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> str:
+        # PATCHFLOW_HOME unset here: `prefect deploy` would resolve the template at deploy time
+        env = {k: v for k, v in self.env.items() if k != "PATCHFLOW_HOME"}
+        out = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=180)
+        assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+        return out.stdout
+
+    def __enter__(self) -> "PrefectStack":
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(self.port)], self.root / "server.log", self.env)
+            wait_http(f"{self.api}/health", self.server, self.root / "server.log", timeout=180)
+            self.cli("work-pool", "create", "patchflow", "--type", "process")
+            self.cli("deploy", "-n", "nightly-manual")  # from prefect.yaml in the repository root
+            elsewhere = self.root / "worker-cwd"
+            elsewhere.mkdir(exist_ok=True)
+            self.worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "patchflow", "--limit", "1"],
+                                self.root / "worker.log", dict(self.env, PATCHFLOW_HOME=str(REPO)), cwd=elsewhere)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop(self.worker)
+        stop(self.server)
+
+    def deployment(self, name: str = "patchflow-nightly/nightly-manual") -> dict:
+        return api_call(f"{self.api}/deployments/name/{name}")
+
+    def run(self, parameters: dict, timeout: float = 420) -> dict:
+        """Run the nightly-manual deployment on the worker; the final flow-run state."""
+        flow_run = api_call(f"{self.api}/deployments/{self.deployment()['id']}/create_flow_run", "POST",
+                            {"parameters": parameters})
+        deadline = time.monotonic() + timeout
+        while True:
+            state = api_call(f"{self.api}/flow_runs/{flow_run['id']}")["state"]
+            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert self.worker.poll() is None, tail(self.root / "worker.log")
+            assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{tail(self.root / 'worker.log')}"
+            time.sleep(1)
+        assert state["type"] == "COMPLETED", f"{state}\n{tail(self.root / 'worker.log', 8000)}"
+        return state

@@ -109,27 +109,6 @@ def test_sigkill_mid_patching_resumes_without_applying_an_edit_twice(world: Worl
 # 2. MLflow server down, and dying in the middle of a registration
 
 
-class MlflowServer:
-    def __init__(self, root: Path):
-        self.root, self.port = root, procs.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = self.root / f"mlflow-server-{self.starts}.log"
-        cmd = [str(procs.BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.proc = procs.start(cmd, log, procs.child_env())
-        procs.wait_http(f"{self.url}/health", self.proc, log, timeout=120)
-
-    def stop(self) -> None:
-        procs.stop(self.proc)
-        self.proc = None
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path: Path, monkeypatch):
     # MLflow's own HTTP retries default to 7 with backoff factor 2 (minutes against a dead server);
@@ -138,7 +117,7 @@ def mlflow_server(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the Registry's download cache for http stores
-    server = MlflowServer(tmp_path / "mlflow-server")
+    server = procs.MlflowServer(tmp_path / "mlflow-server")
     server.start()
     try:
         yield server
@@ -146,7 +125,7 @@ def mlflow_server(tmp_path: Path, monkeypatch):
         server.stop()
 
 
-def test_mlflow_server_down_then_dying_then_back(tmp_path: Path, mlflow_server: MlflowServer, monkeypatch):
+def test_mlflow_server_down_then_dying_then_back(tmp_path: Path, mlflow_server: procs.MlflowServer, monkeypatch):
     import tasks.registry
 
     world = World(tmp_path / "world")

@@ -4,10 +4,6 @@ prefect.yaml schedules every configured model."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -56,64 +52,12 @@ def test_sharded_evaluation_equals_local(world: World):
 # (b) the deployment on a real Prefect server + process worker
 
 
-def _api(url: str, method: str = "GET", body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
-
-
 def test_nightly_deployment_runs_on_a_prefect_server_with_a_process_worker(world: World, tmp_path: Path):
     world.log_errors("night1.jsonl", 0, 2)
-    port = procs.free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    home = tmp_path / "prefect-home"
-    env = procs.child_env(
-        PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-        PYTHONPATH=None,  # the worker's flow run must find the code through the pull step alone
-    )
-    prefect = str(procs.BIN / "prefect")
-    server = worker = None
-    try:
-        server = procs.start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                             tmp_path / "server.log", env)
-        procs.wait_http(f"{api}/health", server, tmp_path / "server.log", timeout=120)
-
-        def cli(*args: str, cwd: Path = procs.REPO) -> str:
-            # PATCHFLOW_HOME unset here: `prefect deploy` would resolve the template at deploy time
-            deploy_env = {k: v for k, v in env.items() if k != "PATCHFLOW_HOME"}
-            out = subprocess.run([prefect, "--no-prompt", *args], cwd=cwd, env=deploy_env, capture_output=True, text=True,
-                                 timeout=180)
-            assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
-            return out.stdout
-
-        cli("work-pool", "create", "patchflow", "--type", "process")
-        cli("deploy", "-n", "nightly-manual")  # from prefect.yaml in the repository root
-        deployment = _api(f"{api}/deployments/name/patchflow-nightly/nightly-manual")
-        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                             {"directory": "{{ $PATCHFLOW_HOME }}"}}]
-
-        # the worker starts elsewhere; PATCHFLOW_HOME (resolved when the run starts) leads it to the code
-        elsewhere = tmp_path / "worker-cwd"
-        elsewhere.mkdir()
-        worker = procs.start([prefect, "worker", "start", "--pool", "patchflow", "--limit", "1"],
-                             tmp_path / "worker.log", dict(env, PATCHFLOW_HOME=str(procs.REPO)), cwd=elsewhere)
-        flow_run = _api(f"{api}/deployments/{deployment['id']}/create_flow_run", "POST",
-                        {"parameters": {"model": world.name, "config_dir": str(world.deployments)}})
-        deadline = time.monotonic() + 300
-        while True:
-            state = _api(f"{api}/flow_runs/{flow_run['id']}")["state"]
-            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            assert worker.poll() is None, procs.tail(tmp_path / "worker.log")
-            assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{procs.tail(tmp_path / 'worker.log')}"
-            time.sleep(1)
-        assert state["type"] == "COMPLETED", f"{state}\n{procs.tail(tmp_path / 'worker.log', 8000)}"
-    finally:
-        procs.stop(worker)
-        procs.stop(server)
+    with procs.PrefectStack(tmp_path / "prefect", f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}") as stack:
+        assert stack.deployment()["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                                     {"directory": "{{ $PATCHFLOW_HOME }}"}}]
+        stack.run({"model": world.name, "config_dir": str(world.deployments)})
     registry = Registry(world.tracking_uri)
     info = registry.info(world.name, CHAMPION)
     assert info.version == "2" and info.parent_version == "1" and info.patch_count >= 1
