@@ -65,4 +65,6 @@ def build_once(folder: str | os.PathLike, build: Callable[[Path], object]) -> Pa
             rel = Path(got).relative_to(tmp).as_posix() if isinstance(got, (str, os.PathLike)) else "."
             (tmp / DONE_MARKER).write_text(rel + "\n")
     rel = (folder / DONE_MARKER).read_text().strip() or "."
+    if rel == "ok" and not (folder / rel).exists():  # a folder built before markers held a sub-path
+        rel = "."
     return folder if rel == "." else folder / rel

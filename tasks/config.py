@@ -8,7 +8,6 @@ against the current working directory (the repository root for `prefect deploy` 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from patcher import PatcherConfig
 from tasks.ingest import SourceConfig
+from tasks.settings import StoreOverrides
 
 DEPLOYMENTS_DIR = Path("deployments")
 
@@ -95,13 +95,11 @@ class ModelConfig(BaseModel):
 
     @property
     def resolved_tracking_uri(self) -> str:
-        env = os.environ.get("PATCHFLOW_TRACKING_URI")
-        return env or self.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
+        return StoreOverrides().tracking_uri or self.tracking_uri or f"sqlite:///{(self.workdir / 'mlflow.db').resolve()}"
 
     @property
     def resolved_state_url(self) -> str:
-        env = os.environ.get("PATCHFLOW_STATE_URL")
-        return env or self.state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
+        return StoreOverrides().state_url or self.state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
 
     @property
     def model_workdir(self) -> Path:

@@ -4,18 +4,11 @@ from a config (no download) with tokenizers built locally."""
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-for _k, _v in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
+from patchflow.settings import apply_env_defaults
+
+apply_env_defaults()  # offline, no telemetry: the one list the CLI and scripts/env.sh use too
 
 import pytest  # noqa: E402
 
