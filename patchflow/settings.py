@@ -4,7 +4,7 @@
   test suite, ``scripts/env.sh``, which prints them with ``python -m patchflow.settings``) sets
   these before MLflow, Prefect or transformers are imported; a value already in the environment wins.
 - ``Settings``: the ``PATCHFLOW_*`` overrides the shell reads (pydantic-settings). The store
-  overrides ``PATCHFLOW_TRACKING_URI`` / ``PATCHFLOW_STATE_URL`` are read by ``tasks.config`` instead,
+  overrides ``PATCHFLOW_TRACKING_URI`` / ``PATCHFLOW_STATE_URL`` come from ``tasks.settings``,
   because a night deployed with ``prefect deploy`` runs without the shell; ``PATCHFLOW_HOME`` is
   read by Prefect itself (the pull step in ``prefect.yaml``).
 """
@@ -16,7 +16,9 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from tasks.settings import StoreOverrides
 
 ENV_DEFAULTS: dict[str, str] = {
     # offline: models come from local folders and PyPI packages, never from a hub
@@ -47,8 +49,9 @@ def shell_exports() -> str:
     return "".join(f'export {k}="${{{k}:-{v}}}"\n' for k, v in ENV_DEFAULTS.items())
 
 
-class Settings(BaseSettings):
-    """``PATCHFLOW_*`` environment overrides of the shell's defaults."""
+class Settings(StoreOverrides):
+    """``PATCHFLOW_*`` environment overrides: the stores (read by the night itself, see
+    ``tasks.settings``) and the shell's own defaults."""
 
     model_config = SettingsConfigDict(env_prefix="PATCHFLOW_", extra="ignore", frozen=True)
 
