@@ -3,40 +3,41 @@
 The base model is frozen. For each mistake we add neurons to the last FFN and train only them,
 with the edit loss (the right output), the activation loss (fire on the mistake and its
 paraphrases) and the memory loss (stay below the edit, and below -margin, on the cached queries
-of unrelated inputs and of every earlier edit) — DESIGN §3.
+of unrelated inputs and of every earlier edit). ``edit`` reads top to bottom: encode, capture,
+pick the wrong positions, train (``steps.CachedStep`` or ``steps.FullStep`` driven by
+``training.train``), add the block, check it on the real model, remember its queries.
 
-Why it is fast (DESIGN §4): nothing before the last FFN depends on the patch, so one forward
-pass captures, at each query position, the FFN input ``q``, the residual and the FFN output.
-A training step then only evaluates the new neurons, the rest of the last layer and the head on
-those cached vectors. The memory term scores a candidate subset of the memory (the rows nearest
-to firing, refreshed every few steps, and checked in full before the edit is accepted).
-``PatcherConfig(cached=False)`` keeps the reference procedure: a full forward every step.
+Devices and dtypes: every tensor the editor makes lives on the model's device (inputs, labels,
+memory, random generators). The memory and the neurons being trained are fp32 whatever the
+model's dtype; the kept neurons are stored and applied in the model's dtype, and an edit counts
+as fixed only if the model itself, in its own dtype, gets it right with them.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .encoding import Encoded, collate, encode, gather_positions, pad_id
+from .encoding import Encoded, collate, encode, gather_positions, labels_of, pad_id
 from .errors import PatchError
 from .families import Family, get_path, resolve_family
-from .layer import PatchBlock, PatchedFFN
-from .predict import predict, target_correct
+from .layer import PatchedFFN
+from .predict import predict
+from .steps import CachedStep, FullStep, Params, init_neurons, to_block
+from .training import Objective, train
 
 
 class PatcherConfig(BaseModel):
-    """Hyperparameters; the defaults are the reference's (DESIGN §3) unless noted."""
+    """Hyperparameters. The defaults are those of the Transformer-Patcher paper's reference
+    implementation, except the fields marked "ours" (which the paper does not have)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -67,6 +68,9 @@ class PatcherConfig(BaseModel):
     cached: bool = Field(True, description="False: reference-faithful full forward at every step")
     memory_candidates: int = Field(4096, gt=0, description="cached mode: memory rows scored between refreshes")
     memory_refresh: int = Field(10, gt=0, description="cached mode: steps between full memory scans")
+    check_every: int | None = Field(None, gt=0, description="steps between the host's looks at the stopping rules "
+                                    "(they are computed on the device every step, so the patch does not depend on "
+                                    "this); None: 1 on CPU or in full-forward mode, 8 otherwise (ours)")
     max_new_tokens: int = 16
     seed: int = 0
 
@@ -93,6 +97,7 @@ class EditResult:
     already_correct: bool = False
     steps: int = 0
     seconds: float = 0.0
+    train_seconds: float = 0.0  # of ``seconds``, the training loop alone (it ends with a device sync)
     neurons: int = 0
     losses: dict[str, float] = field(default_factory=dict)
     message: str = ""
@@ -108,15 +113,12 @@ class Captured:
     logits: torch.Tensor
 
 
+class _QueriesTaken(Exception):
+    """Ends a forward pass early: the queries were all that was asked for."""
+
+
 def _edit_seed(seed: int, edit_id: str) -> int:
     return int(hashlib.sha256(f"{seed}:{edit_id}".encode()).hexdigest()[:8], 16)
-
-
-def _topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of the k largest entries along dim 0, per column: (N, n) -> (n,)."""
-    if k >= values.shape[0]:
-        return values.mean(0)
-    return values.topk(max(1, k), dim=0).values.mean(0)
 
 
 class Editor:
@@ -132,22 +134,28 @@ class Editor:
         model.eval()
         self.ffn = PatchedFFN.of(model, self.family)
         ref = self.ffn.out.weight
-        self.memory = ref.new_zeros(0, self.ffn.d_model)
-        self.val_memory = ref.new_zeros(0, self.ffn.d_model)
+        self.device, self.dtype = ref.device, ref.dtype
+        self.input_device = getattr(model, "device", ref.device)  # where the embeddings are
+        self.memory = torch.zeros(0, self.ffn.d_model, device=self.device)  # fp32: scored against fp32 neurons
+        self.val_memory = torch.zeros(0, self.ffn.d_model, device=self.device)
         self._pre_norm = get_path(self.ffn.layer, self.family.pre_norm) if self.family.pre_norm else None
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
         self._fingerprint: str | None = None
-        self._env: tuple[torch.Tensor, torch.Tensor] | None = None
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
             isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
             for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
 
     # ------------------------------------------------------------------ queries and memory
     @contextmanager
-    def _hooks(self, store: dict):
+    def _hooks(self, store: dict, queries_only: bool = False):
+        def take_q(module, args):
+            store["q"] = args[0]
+            if queries_only:
+                raise _QueriesTaken
+
         handles = [
-            self.ffn.ins[0].register_forward_pre_hook(lambda m, a: store.__setitem__("q", a[0])),
+            self.ffn.ins[0].register_forward_pre_hook(take_q),
             self.ffn.out.register_forward_hook(lambda m, a, o: store.__setitem__("y", o)),
         ]
         if self._pre_norm is not None:
@@ -163,7 +171,7 @@ class Editor:
         self.model.train(train)
         try:
             with self._hooks(store), torch.set_grad_enabled(grad):
-                logits = self.model(**collate(items, pad_id(self.tokenizer))).logits
+                logits = self.model(**collate(items, pad_id(self.tokenizer), self.input_device)).logits
         finally:
             self.model.eval()
         if self.task == "generation":
@@ -171,14 +179,39 @@ class Editor:
         return store, logits
 
     def capture(self, items: list[Encoded], train: bool = False) -> Captured:
-        """One forward pass; the vectors the cached training loop needs, at the query positions."""
+        """One forward pass; the vectors the cached training loop needs, at the query positions
+        (in the model's dtype)."""
         store, logits = self._forward(items, train=train)
         q = gather_positions(store["q"], items)
         resid = gather_positions(store["resid"], items) if "resid" in store else q
         return Captured(q.detach(), resid.detach(), gather_positions(store["y"], items).detach(), logits.detach())
 
+    @torch.no_grad()
+    def _queries(self, items: list[Encoded]) -> torch.Tensor:
+        """The FFN inputs at the query positions, in fp32: the forward pass stops as soon as they
+        exist (the last FFN and the head, over the whole vocabulary, are not needed for memory)."""
+        store: dict = {}
+        self.model.eval()
+        try:
+            with self._hooks(store, queries_only=True):
+                self.model(**collate(items, pad_id(self.tokenizer), self.input_device))
+        except _QueriesTaken:
+            pass
+        return gather_positions(store["q"], items).float()
+
     def _encode(self, text: str, target=None) -> Encoded:
         return encode(self.model, self.tokenizer, self.family, text, target)
+
+    def _variants(self, request: EditRequest) -> list[Encoded]:
+        """The mistake, then the paraphrases it trains on (those with as many target positions)."""
+        main = self._encode(request.input, request.target)
+        variants = [main]
+        if self.config.train_on_equivalents:
+            for eq in request.equivalents or []:
+                enc = self._encode(eq, request.target)
+                if len(enc.labels) == len(main.labels):
+                    variants.append(enc)
+        return variants
 
     @torch.no_grad()
     def build_memory(self, texts: Sequence[str], batch_size: int = 32) -> int:
@@ -189,12 +222,12 @@ class Editor:
         chunks = []
         for start in range(0, len(texts), batch_size):
             items = [self._encode(t) for t in texts[start : start + batch_size]]
-            chunks.append(self.capture(items).q)
+            chunks.append(self._queries(items))
         queries = torch.cat(chunks)
-        gen = torch.Generator().manual_seed(self.config.seed)
+        gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
         if queries.shape[0] > self.config.memory_size:
-            queries = queries[torch.randperm(queries.shape[0], generator=gen)[: self.config.memory_size]]
-        order = torch.randperm(queries.shape[0], generator=gen)
+            queries = queries[torch.randperm(queries.shape[0], generator=gen, device=self.device)[: self.config.memory_size]]
+        order = torch.randperm(queries.shape[0], generator=gen, device=self.device)
         n_val = int(round(queries.shape[0] * self.config.val_memory_fraction))
         if queries.shape[0] > 1:
             n_val = max(1, n_val) if self.config.val_memory_fraction > 0 else 0
@@ -204,27 +237,32 @@ class Editor:
 
     @torch.no_grad()
     def remember(self, requests: Sequence[EditRequest]) -> int:
-        """Add the queries of earlier edits to the memory, so new patches stay silent on them.
+        """Add to the memory exactly the queries that ``edit`` added for these edits (the mistake
+        and the paraphrases it trained on, captured as ``edit`` captured them), in order, so that
+        a night resumed from a saved patch set trains the same patches as one that never stopped.
 
-        Used when patches come from a saved patch set (a new night, a resumed run) rather than
-        from ``edit`` in this process. Requests that fail to encode are skipped (they were checked
-        when they were first edited)."""
-        items = []
-        for r in requests:
+        ``requests``: the edits whose patches the model carries (those ``edit`` fixed). Requests
+        that fail to encode are skipped (they were checked when they were first edited)."""
+        added = 0
+        for request in requests:
             try:
-                items.append(self._encode(r.input, r.target))
+                variants = self._variants(request)
             except PatchError:
                 continue
-        for start in range(0, len(items), 32):
-            self.memory = torch.cat([self.memory, self.capture(items[start : start + 32]).q])
-        return len(items)
+            self.memory = torch.cat([self.memory, self._queries(variants)])
+            added += 1
+        return added
 
     # ------------------------------------------------------------------ predictions
     def predict(self, texts: Sequence[str]) -> list[str]:
         return predict(self.model, self.tokenizer, texts, max_new_tokens=self.config.max_new_tokens)
 
+    @torch.no_grad()
     def is_correct(self, text: str, target) -> bool:
-        return target_correct(self.model, self.tokenizer, [text], [target])[0]
+        """The model's own forward, in its dtype, gives ``target`` (every target token is the argmax)."""
+        item = self._encode(text, target)
+        _, logits = self._forward([item])
+        return bool((logits.argmax(-1) == labels_of([item], logits.device)).all())
 
     # ------------------------------------------------------------------ the tail of the model
     def _logits_from(self, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -237,16 +275,6 @@ class Editor:
             h = self._final_norm(h)
         return self.family.head(self.model, h)
 
-    def _edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.task == "generation":
-            return F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
-        loss = F.cross_entropy(logits, labels)
-        if logits.shape[-1] == 2 and self.config.entropy_weight:
-            p = logits.softmax(-1)
-            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-            loss = loss - self.config.entropy_weight * entropy
-        return loss
-
     # ------------------------------------------------------------------ editing
     def edit(self, request: EditRequest) -> EditResult:
         """Fix one mistake. Already right: nothing added. Not fixable: nothing left behind."""
@@ -255,37 +283,43 @@ class Editor:
             raise PatchError("edit id must be a non-empty string")
         if request.id in self.ffn.edit_ids():
             raise PatchError(f"edit {request.id!r} is already patched into this model")
-        main = self._encode(request.input, request.target)
-        variants = [main]
-        if self.config.train_on_equivalents:
-            for eq in request.equivalents or []:
-                enc = self._encode(eq, request.target)
-                if len(enc.labels) == len(main.labels):
-                    variants.append(enc)
+        variants = self._variants(request)
+        main, n_pos = variants[0], len(variants[0].labels)
         cap = self.capture(variants)
-        labels = torch.tensor(main.labels)
-        n_pos = len(main.labels)
-        wrong = (cap.logits[:n_pos].argmax(-1) != labels).nonzero().flatten().tolist()
+        labels = labels_of([main], self.device)
+        wrong = (cap.logits[:n_pos].argmax(-1).to(self.device) != labels).nonzero().flatten().tolist()
         if not wrong:
             return EditResult(request.id, fixed=True, already_correct=True, seconds=time.perf_counter() - t0,
                               message="already correct: nothing added")
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
 
-        seed = _edit_seed(self.config.seed, request.id)
-        batches = self._training_batches(cap, main, variants, n_pos, seed)
-        all_labels = labels.repeat(batches[0][0].shape[0])
-        params = self._init_neurons(cap.q[positions], seed)
-        steps, losses = self._train(params, positions, batches, all_labels, variants, main)
-        block = self._block(request.id, params)
+        c, seed = self.config, _edit_seed(self.config.seed, request.id)
+        q_edit = cap.q[positions].float()
+        params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed)
+        objective = Objective(c, self.task, self.ffn.act, self.family.gated, self.device)
+        check_every = c.check_every or (1 if self.device.type == "cpu" or not c.cached else 8)
+        if c.cached:
+            batches = self._training_batches(cap, variants, n_pos, seed)
+            step = CachedStep(self._logits_from, self.ffn.act, self.family.gated, batches, labels, positions, c.memory_refresh)
+            rng = nullcontext()
+        else:
+            items = [main] * (c.batch_size if self._has_dropout else 1) + variants[1:]
+            step = FullStep(self.ffn, self._forward, self.family.gated, items, main, positions, self.device)
+            rng = self._seeded_rng(seed)  # dropout masks from the edit's own seed: a replay draws the same
+        t_train = time.perf_counter()
+        with rng:
+            steps, losses = train(step, params, objective, self.memory, self.val_memory, q_edit, check_every)
+        t_train = time.perf_counter() - t_train
+
+        block = to_block(request.id, params, self.family.gated, self.dtype)
         self.ffn.add(block)
-        fixed = self.is_correct(request.input, request.target)
-        if not fixed:
+        if not self.is_correct(request.input, request.target):
             self.ffn.remove(request.id)
             return EditResult(request.id, fixed=False, steps=steps, seconds=time.perf_counter() - t0,
-                              losses=losses, message=f"not fixed after {steps} steps: no neuron kept")
-        self.memory = torch.cat([self.memory, cap.q])
+                              train_seconds=t_train, losses=losses, message=f"not fixed after {steps} steps: no neuron kept")
+        self.memory = torch.cat([self.memory, cap.q.float()])
         return EditResult(request.id, fixed=True, steps=steps, seconds=time.perf_counter() - t0,
-                          neurons=block.neurons, losses=losses)
+                          train_seconds=t_train, neurons=block.neurons, losses=losses)
 
     def edit_stream(self, requests: Iterable[EditRequest], progress: bool = True) -> list[EditResult]:
         requests = list(requests)
@@ -296,82 +330,7 @@ class Editor:
             results.append(self.edit(request))
         return results
 
-    def _init_neurons(self, q_edit: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-        """Keys start at q/|q|^2 (pre-activation 1 on the mistake), values random times an amplifier."""
-        gen = torch.Generator().manual_seed(seed)
-        n, d_out = q_edit.shape[0], self.ffn.d_out
-        key = q_edit / q_edit.pow(2).sum(-1, keepdim=True)
-        params = {
-            "key": key.clone(),
-            "bias": key.new_zeros(n),
-            "value": (torch.randn(n, d_out, generator=gen) / math.sqrt(d_out)).to(key),
-            "amp": key.new_full((n, 1), self.config.amplifier),
-        }
-        if self.family.gated:
-            params["up"] = key.clone()
-            params["up_bias"] = key.new_zeros(n)
-        return {k: v.requires_grad_(True) for k, v in params.items()}
-
-    def _contribution(self, params, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pre-activations z, added FFN output) of the new neurons for queries q (..., d)."""
-        z = q @ params["key"].T + params["bias"]
-        a = self.ffn.act(z)
-        if self.family.gated:
-            a = a * (q @ params["up"].T + params["up_bias"])
-        return z, a @ (params["value"] * params["amp"])
-
-    def _memory_loss(self, zm: torch.Tensor, z_edit: torch.Tensor) -> torch.Tensor:
-        if zm.shape[0] == 0:
-            return zm.new_zeros(())
-        m, k = self.config.memory_margin, self.config.memory_topk
-        return _topk_mean(torch.exp(zm - z_edit + m), k).mean() + _topk_mean(torch.exp(zm + m), k).mean()
-
-    def _top_memory_z(self, params, candidates: torch.Tensor, z_candidates: torch.Tensor) -> torch.Tensor:
-        """(k, n) pre-activations of each neuron's top-k memory rows, with gradient.
-
-        Both memory terms increase with z, so only each neuron's k highest rows enter the loss:
-        they are picked from ``z_candidates`` (computed without gradient) and only they are
-        recomputed with it (DESIGN §4)."""
-        k = min(self.config.memory_topk, candidates.shape[0])
-        idx = z_candidates.topk(k, dim=0).indices  # (k, n)
-        rows = candidates.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (k, n, d)
-        return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"]
-
-    def _act_loss(self, z_rows: torch.Tensor) -> torch.Tensor:
-        """z_rows: (R, n) pre-activation of neuron i on the rows' query at its own position."""
-        c = self.config
-        return _topk_mean(torch.exp(c.act_margin - z_rows), c.act_topk).mean()
-
-    def _envelope(self, z: torch.Tensor) -> torch.Tensor:
-        """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
-        if self._env is None:
-            grid = torch.linspace(-30.0, 30.0, 6001, dtype=z.dtype)
-            self._env = (grid, self.ffn.act(grid).abs().cummax(0).values)
-        grid, env = self._env
-        idx = torch.searchsorted(grid, z.contiguous()).clamp(max=len(grid) - 1)
-        return torch.where(z > grid[-1], self.ffn.act(z).abs(), env[idx])
-
-    def _gain(self, params, queries: torch.Tensor) -> torch.Tensor:
-        """(N, n): the most each neuron can pass to each query (up to the value vector): the
-        activation's envelope at its pre-activation, times |up . q| for gated FFNs."""
-        gain = self._envelope(queries @ params["key"].T + params["bias"])
-        if self.family.gated:
-            gain = gain * (queries @ params["up"].T + params["up_bias"]).abs()
-        return gain
-
-    def leak(self, params, q_edit: torch.Tensor, *memories: torch.Tensor) -> float:
-        """Largest share of a neuron's output on its mistake (``q_edit``: (n, d), one query per
-        neuron) that it can pass to any query of ``memories``; 0 when they are empty."""
-        gains = [self._gain(params, m).max(0).values for m in memories if m.shape[0]]
-        if not gains:
-            return 0.0
-        z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
-        own = self.ffn.act(z_e).abs()
-        if self.family.gated:
-            own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
-        return float((torch.stack(gains).max(0).values / own.clamp_min(1e-12)).max())
-
-    def _training_batches(self, cap: Captured, main: Encoded, variants: list[Encoded], n_pos: int, seed: int):
+    def _training_batches(self, cap: Captured, variants: list[Encoded], n_pos: int, seed: int):
         """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d).
 
         Every batch holds the mistake and its paraphrases without dropout. With dropout in the
@@ -381,112 +340,27 @@ class Editor:
         c = self.config
         clean = (cap.q, cap.resid, cap.y)
         rounds = [clean]
-        if c.cached and self._has_dropout:
+        if self._has_dropout:
             # 0 rounds: one dropout sample of the edit alone (the behaviour before dropout_rounds)
-            noisy = [main] * (c.batch_size - 1) + (variants[1:] if c.dropout_rounds > 0 else [])
+            noisy = [variants[0]] * (c.batch_size - 1) + (variants[1:] if c.dropout_rounds > 0 else [])
             if noisy:
-                with torch.random.fork_rng():  # masks from the edit's own seed; caller's RNG untouched
-                    torch.manual_seed(seed)
+                with self._seeded_rng(seed):
                     drops = [self.capture(noisy, train=True) for _ in range(max(1, c.dropout_rounds))]
                 rounds = [tuple(torch.cat([a, b]) for a, b in zip(clean, (d.q, d.resid, d.y))) for d in drops]
         return [tuple(t.view(-1, n_pos, t.shape[-1]) for t in r) for r in rounds]
 
-    def _train(self, params, positions, batches, all_labels, variants, main) -> tuple[int, dict[str, float]]:
-        c = self.config
-        opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay)
-        lam = c.memory_weight(self.task)
-        pos = torch.tensor(positions)
-        neuron_idx = torch.arange(len(positions))
-        memory, val = self.memory, self.val_memory
-        candidates, val_top = memory, val
-        q_edit = batches[0][0][0, positions]
-        refresh = c.memory_refresh if c.cached else 1
-        best_val, since_best, fixed_for, steps = math.inf, 0, 0, 0
-        losses: dict[str, float] = {}
-        batch_items = [main] * (c.batch_size if self._has_dropout else 1) + variants[1:]
-        for step in range(c.max_steps):
-            steps = step + 1
-            if c.cached:
-                q, resid, y = batches[step % len(batches)]
-                z, delta = self._contribution(params, q)  # (R, J, n), (R, J, d)
-                logits = self._logits_from((y + delta).flatten(0, 1), resid.flatten(0, 1))
-                z_rows = z[:, pos, neuron_idx]
-                fixed_now = bool((logits[: len(main.labels)].argmax(-1) == all_labels[: len(main.labels)]).all())
-            else:
-                logits, z_rows = self._faithful_step(params, positions, batch_items)
-                all_labels = torch.tensor([lab for it in batch_items for lab in it.labels])
-                with torch.no_grad():
-                    eval_logits, _ = self._faithful_step(params, positions, [main], train=False)
-                fixed_now = bool((eval_logits.argmax(-1) == torch.tensor(main.labels)).all())
-            z_edit = z_rows[0]
-            if c.cached and step % refresh == 0 and memory.shape[0] > c.memory_candidates:
-                with torch.no_grad():
-                    scores = (memory @ params["key"].T + params["bias"]).max(-1).values
-                    candidates = memory.index_select(0, scores.topk(c.memory_candidates).indices)
-                    if val.shape[0]:
-                        val_top = val.index_select(0, self._gain(params, val).max(-1).values.topk(min(64, val.shape[0])).indices)
-            with torch.no_grad():
-                z_cand = candidates @ params["key"].T + params["bias"]  # (C, n)
-            l_edit = self._edit_loss(logits, all_labels)
-            l_act = self._act_loss(z_rows)
-            l_mem = self._memory_loss(self._top_memory_z(params, candidates, z_cand), z_edit) if memory.shape[0] else l_edit.new_zeros(())
-            loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
-            losses = {"edit": float(l_edit.detach()), "activation": float(l_act.detach()), "memory": float(l_mem.detach()),
-                      "total": float(loss.detach())}
+    @contextmanager
+    def _seeded_rng(self, seed: int):
+        """Random draws (dropout masks) from the edit's own seed; the caller's RNG state is untouched."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
-            if fixed_now:
-                # Stop once the patch can pass at most `leak_tol` of its output on the mistake to any
-                # memory or validation query: screened on the candidates (in cached mode also on the
-                # validation memory's rows that were highest at the last refresh), confirmed in full.
-                with torch.no_grad():
-                    if self.leak(params, q_edit, candidates, val_top) < c.leak_tol and (
-                            (candidates is memory and val_top is val) or self.leak(params, q_edit, memory, val) < c.leak_tol):
-                        break
-            if fixed_now and step % refresh == 0:
-                # Otherwise early-stop on the validation memory, counted only while the neuron fires
-                # on its mistake; the exp losses can creep down for ever, so once fixed an edit trains
-                # at most `fixed_patience` more steps.
-                ze = z_edit.detach()
-                with torch.no_grad():
-                    val_loss = self._memory_loss(val @ params["key"].T + params["bias"], ze).item()
-                fixed_for += refresh
-                if float(ze.min()) > c.act_margin:
-                    if val_loss < best_val - 1e-6:
-                        best_val, since_best = val_loss, 0
-                    else:
-                        since_best += refresh
-                if since_best >= c.patience or fixed_for >= c.fixed_patience:
-                    break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
-            opt.step()
-        return steps, losses
-
-    def _faithful_step(self, params, positions, items: list[Encoded], train: bool = True):
-        """Reference procedure: the new neurons live in the model, which runs in full."""
-        ffn = self.ffn
-        in_w = [params["key"]] + ([params["up"]] if self.family.gated else [])
-        in_b = [params["bias"]] + ([params["up_bias"]] if self.family.gated else [])
-        ffn.set_live(in_w, in_b, params["value"] * params["amp"])
-        try:
-            store, logits = self._forward(items, train=train, grad=train)
-        finally:
-            ffn.set_live(None)
-        q = gather_positions(store["q"], items).view(len(items), -1, ffn.d_model)
-        z = q[:, positions] @ params["key"].T + params["bias"]  # (R, n, n)
-        n = len(positions)
-        return logits, z[:, torch.arange(n), torch.arange(n)]
-
-    def _block(self, edit_id: str, params) -> PatchBlock:
-        with torch.no_grad():
-            in_weight = [params["key"].detach().clone()]
-            in_bias = [params["bias"].detach().clone()]
-            if self.family.gated:
-                in_weight.append(params["up"].detach().clone())
-                in_bias.append(params["up_bias"].detach().clone())
-            value = (params["value"] * params["amp"]).detach().clone()
-        return PatchBlock(edit_id, in_weight, in_bias, value)
+    def leak(self, params: Params, q_edit: torch.Tensor, *memories: torch.Tensor) -> float:
+        """Largest share of a neuron's output on its mistake (``q_edit``: (n, d), one query per
+        neuron) that it can pass to any query of ``memories``; 0 when they are empty."""
+        objective = Objective(self.config, self.task, self.ffn.act, self.family.gated, self.device)
+        return float(objective.leak(params, q_edit, *memories))
 
     # ------------------------------------------------------------------ managing patches
     def remove(self, edit_id: str) -> None:

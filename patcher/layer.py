@@ -93,18 +93,15 @@ class PatchedLinear(nn.Module):
         else:
             new_b = b
             new_w = torch.cat([w, extra_w], 0) if self.transposed else torch.cat([w, extra_w.T], 1)
-        if self.transposed:
-            module = Conv1D(new_w.shape[1], new_w.shape[0])
-        else:
-            module = nn.Linear(new_w.shape[1], new_w.shape[0], bias=new_b is not None)
-        module = module.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            module.weight.copy_(new_w)
-            if new_b is not None:
-                if module.bias is None:
-                    module.bias = nn.Parameter(new_b.clone())
-                else:
-                    module.bias.copy_(new_b)
+        # Built on the meta device (no random init, no copy through the CPU), then given the weights,
+        # which are already on the model's device in its dtype.
+        with torch.device("meta"):
+            if self.transposed:
+                module = Conv1D(new_w.shape[1], new_w.shape[0])
+            else:
+                module = nn.Linear(new_w.shape[1], new_w.shape[0], bias=new_b is not None)
+        module.weight = nn.Parameter(new_w)  # a fresh tensor from torch.cat
+        module.bias = nn.Parameter(new_b.clone()) if new_b is not None else None
         module.requires_grad_(self.weight.requires_grad)
         return module
 

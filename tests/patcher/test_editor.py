@@ -49,7 +49,7 @@ def test_edit_flips_wrong_prediction(kind):
 def test_new_neurons_silent_on_training_memory(kind):
     """The memory loss pushes every memory pre-activation below -margin (and below the edit).
 
-    What `_train` guarantees: nothing hard unless it stopped on the leak criterion (then no memory
+    What `training.train` guarantees: nothing hard unless it stopped on the leak criterion (then no memory
     *or* validation query gets more than ``leak_tol`` of the patch's output on the mistake, see the
     next test); a stop on patience or max_steps only means the edit was fixed. On these tiny models the training-memory
     pre-activations end below 0 for every edit; the held-out validation memory is not trained

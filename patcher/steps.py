@@ -1,0 +1,149 @@
+"""The new neurons of one edit, and the two ways of taking one training step with them.
+
+Both step functions take the trainable parameters and the step number and return a ``StepOut``:
+the logits the edit loss is computed on, their labels, each neuron's pre-activation on its own
+query position in every training row, and whether the edit is fixed (a device tensor, so that
+the training loop can decide when to look at it).
+
+- ``CachedStep``: nothing before the last FFN depends on the patch, so one forward pass per edit
+  captures, at each query position, the FFN input ``q``, the residual and the FFN output. A step
+  then evaluates only the new neurons, the rest of the last layer and the head on those vectors.
+- ``FullStep``: the reference procedure; the neurons are put into the model, which runs in full
+  at every step (fresh dropout masks each time).
+
+Precision: the neurons are fp32 master copies and train in fp32 on fp32 copies of the queries,
+whatever the model's dtype; their output is cast to the model's dtype where it joins the model's
+own tensors. Whether the edit is fixed is judged as the model will compute it once the neurons
+are added: for a bf16/fp16 model the check rounds the neurons to that dtype and runs in it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .encoding import Encoded, gather_positions, labels_of
+from .layer import PatchBlock, PatchedFFN
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepOut:
+    logits: torch.Tensor  # (rows, classes), fp32, with gradient
+    labels: torch.Tensor  # (rows,)
+    z_rows: torch.Tensor  # (R, n): neuron i's pre-activation at its own position in training row r
+    fixed: torch.Tensor  # 0-dim bool: every target position of the mistake is right
+
+
+def init_neurons(q_edit: torch.Tensor, d_out: int, amplifier: float, gated: bool, seed: int) -> Params:
+    """fp32 masters. Keys start at q/|q|^2 (pre-activation 1 on the mistake); values are random
+    (from the edit's own seed, drawn on the model's device) times a trainable amplifier."""
+    key = q_edit.float() / q_edit.float().pow(2).sum(-1, keepdim=True)
+    n, device = key.shape[0], key.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = {
+        "key": key.clone(),
+        "bias": key.new_zeros(n),
+        "value": torch.randn(n, d_out, generator=gen, device=device) / math.sqrt(d_out),
+        "amp": key.new_full((n, 1), amplifier),
+    }
+    if gated:
+        params["up"] = key.clone()
+        params["up_bias"] = key.new_zeros(n)
+    return {k: v.requires_grad_(True) for k, v in params.items()}
+
+
+def rounded(params: Params, dtype: torch.dtype) -> Params:
+    """The neurons as the model holds them: inputs rows and values (amplifier applied) in ``dtype``."""
+    out = {k: params[k].detach().to(dtype) for k in ("key", "bias", "up", "up_bias") if k in params}
+    out["value"] = (params["value"] * params["amp"]).detach().to(dtype)
+    out["amp"] = out["value"].new_ones(out["value"].shape[0], 1)
+    return out
+
+
+def contribution(params: Params, q: torch.Tensor, act: nn.Module, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-activations z, added FFN output) of the new neurons for queries q (..., d)."""
+    z = q @ params["key"].T + params["bias"]
+    a = act(z)
+    if gated:
+        a = a * (q @ params["up"].T + params["up_bias"])
+    return z, a @ (params["value"] * params["amp"])
+
+
+def to_block(edit_id: str, params: Params, gated: bool, dtype: torch.dtype) -> PatchBlock:
+    """The trained neurons as a patch block in the model's dtype (what the model will compute with)."""
+    low = rounded(params, dtype)
+    names = [("key", "bias")] + ([("up", "up_bias")] if gated else [])
+    return PatchBlock(edit_id, [low[w].clone() for w, _ in names], [low[b].clone() for _, b in names], low["value"].clone())
+
+
+class CachedStep:
+    """A step on cached vectors. ``batches``: one or more (q, resid, y) triples shaped (R, J, d),
+    the mistake (clean) first; steps cycle through them (dropout samples captured per edit)."""
+
+    cached = True
+
+    def __init__(self, tail: Callable, act: nn.Module, gated: bool, batches, labels: torch.Tensor,
+                 positions: list[int], refresh: int):
+        self.tail, self.act, self.gated, self.refresh = tail, act, gated, refresh
+        self.dtype = batches[0][1].dtype
+        self.batches = [(q.float(), resid, y) for q, resid, y in batches]
+        self.clean = tuple(t[0] for t in batches[0])  # the mistake alone, in the model's dtype: (J, d)
+        self.n_main = labels.shape[0]
+        self.labels = labels.repeat(batches[0][0].shape[0])
+        device = labels.device
+        self.pos = torch.tensor(positions, dtype=torch.long, device=device)
+        self.neuron = torch.arange(len(positions), device=device)
+
+    def __call__(self, params: Params, step: int) -> StepOut:
+        q, resid, y = self.batches[step % len(self.batches)]
+        z, delta = contribution(params, q, self.act, self.gated)  # (R, J, n), (R, J, d)
+        logits = self.tail((y + delta.to(y.dtype)).flatten(0, 1), resid.flatten(0, 1))
+        return StepOut(logits.float(), self.labels, z[:, self.pos, self.neuron], self._fixed(params, logits))
+
+    def _fixed(self, params: Params, logits: torch.Tensor) -> torch.Tensor:
+        n = self.n_main
+        if self.dtype != torch.float32:  # as the model will compute it: the neurons rounded, its dtype throughout
+            with torch.no_grad():
+                q, resid, y = self.clean
+                _, delta = contribution(rounded(params, self.dtype), q, self.act, self.gated)
+                logits = self.tail(y + delta, resid)
+        return (logits[:n].detach().argmax(-1) == self.labels[:n]).all()
+
+
+class FullStep:
+    """The reference step: the neurons live in the model, which runs in full on the batch (the
+    mistake repeated with dropout on, and its paraphrases); "fixed" is checked in eval mode."""
+
+    cached, refresh = False, 1
+
+    def __init__(self, ffn: PatchedFFN, forward: Callable, gated: bool, items: list[Encoded], main: Encoded,
+                 positions: list[int], device: torch.device):
+        self.ffn, self.forward, self.gated, self.items, self.main = ffn, forward, gated, items, main
+        self.positions = positions
+        self.labels = labels_of(items, device)
+        self.main_labels = labels_of([main], device)
+        self.neuron = torch.arange(len(positions), device=device)
+
+    def __call__(self, params: Params, step: int) -> StepOut:
+        logits, z_rows = self._run(params, self.items, train=True)
+        with torch.no_grad():
+            eval_logits, _ = self._run(params, [self.main], train=False)
+        fixed = (eval_logits.argmax(-1) == self.main_labels).all()
+        return StepOut(logits.float(), self.labels, z_rows, fixed)
+
+    def _run(self, params: Params, items: list[Encoded], train: bool):
+        names = [("key", "bias")] + ([("up", "up_bias")] if self.gated else [])
+        self.ffn.set_live([params[w] for w, _ in names], [params[b] for _, b in names], params["value"] * params["amp"])
+        try:
+            store, logits = self.forward(items, train=train, grad=train)
+        finally:
+            self.ffn.set_live(None)
+        q = gather_positions(store["q"], items).view(len(items), -1, self.ffn.d_model).float()
+        z = q[:, self.positions] @ params["key"].T + params["bias"]  # (R, n, n)
+        return logits, z[:, self.neuron, self.neuron]

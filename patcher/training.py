@@ -1,0 +1,205 @@
+"""The losses, the leak bound and the training loop shared by both step functions.
+
+Losses: the edit loss (the right output), the activation loss (fire on the mistake and its
+paraphrases: ``mean(topk(exp(act_margin - z)))``) and the memory loss (stay ``memory_margin``
+below the edit, and below ``-memory_margin``, on the memory's highest rows).
+
+The loop never waits for the device between checks: every stopping rule is computed on the
+device at every step, and the host looks at them once every ``check_every`` steps. Parameters
+are snapshotted at the steps in between, so training stops at exactly the step it would stop at
+when checking every step: the patch does not depend on ``check_every``, only the time does.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .steps import CachedStep, FullStep, Params
+
+
+def topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the k largest entries along dim 0, per column: (N, n) -> (n,)."""
+    if k >= values.shape[0]:
+        return values.mean(0)
+    return values.topk(max(1, k), dim=0).values.mean(0)
+
+
+class Objective:
+    """What one edit is trained against, and the leak bound that decides when it is done."""
+
+    def __init__(self, config, task: str, act: nn.Module, gated: bool, device: torch.device):
+        self.config, self.task, self.act, self.gated = config, task, act, gated
+        # Envelope of the activation, max |act(z')| over z' <= z, tabulated once on the device.
+        self._grid = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float32, device=device)
+        self._env = act(self._grid).abs().cummax(0).values
+
+    def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if self.task == "generation":
+            return F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
+        loss = F.cross_entropy(logits, labels)
+        if logits.shape[-1] == 2 and c.entropy_weight:
+            p = logits.softmax(-1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+            loss = loss - c.entropy_weight * entropy
+        return loss
+
+    def act_loss(self, z_rows: torch.Tensor) -> torch.Tensor:
+        """z_rows: (R, n) pre-activation of neuron i on the rows' query at its own position."""
+        return topk_mean(torch.exp(self.config.act_margin - z_rows), self.config.act_topk).mean()
+
+    def memory_loss(self, zm: torch.Tensor, z_edit: torch.Tensor) -> torch.Tensor:
+        if zm.shape[0] == 0:
+            return zm.new_zeros(())
+        m, k = self.config.memory_margin, self.config.memory_topk
+        return topk_mean(torch.exp(zm - z_edit + m), k).mean() + topk_mean(torch.exp(zm + m), k).mean()
+
+    def top_memory_z(self, params: Params, candidates: torch.Tensor, z_candidates: torch.Tensor) -> torch.Tensor:
+        """(k, n) pre-activations of each neuron's top-k memory rows, with gradient.
+
+        Both memory terms increase with z, so only each neuron's k highest rows enter the loss:
+        they are picked from ``z_candidates`` (computed without gradient) and only they are
+        recomputed with it."""
+        k = min(self.config.memory_topk, candidates.shape[0])
+        idx = z_candidates.topk(k, dim=0).indices  # (k, n)
+        rows = candidates.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (k, n, d)
+        return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"]
+
+    def envelope(self, z: torch.Tensor) -> torch.Tensor:
+        """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
+        idx = torch.searchsorted(self._grid, z.contiguous()).clamp(max=len(self._grid) - 1)
+        return torch.where(z > self._grid[-1], self.act(z).abs(), self._env[idx])
+
+    def gain(self, params: Params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, n): the most each neuron can pass to each query (up to the value vector): the
+        activation's envelope at its pre-activation, times |up . q| for gated FFNs."""
+        gain = self.envelope(queries @ params["key"].T + params["bias"] if z is None else z)
+        if self.gated:
+            gain = gain * (queries @ params["up"].T + params["up_bias"]).abs()
+        return gain
+
+    def leak(self, params: Params, q_edit: torch.Tensor, *memories: torch.Tensor, z_first: torch.Tensor | None = None) -> torch.Tensor:
+        """0-dim: the largest share of a neuron's output on its mistake (``q_edit``: (n, d), one
+        query per neuron) that it can pass to any query of ``memories``; 0 when they are empty.
+        ``z_first``: the first memory's pre-activations, when the caller has them already."""
+        worst = q_edit.new_zeros(q_edit.shape[0])
+        for i, m in enumerate(memories):
+            if m.shape[0]:
+                worst = torch.maximum(worst, self.gain(params, m, z_first if i == 0 else None).max(0).values)
+        z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
+        own = self.act(z_e).abs()
+        if self.gated:
+            own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
+        return (worst / own.clamp_min(1e-12)).max()
+
+
+@dataclass
+class _Pending:
+    """One step's stopping flags (on the device) until the host looks at them."""
+
+    step: int
+    leak_ok: torch.Tensor  # fixed and the leak screened on candidates is below tolerance
+    patience: torch.Tensor  # fixed and a patience rule says stop
+    screened_in_full: bool  # the screen already covered both memories in full
+    losses: torch.Tensor  # (4,) edit, activation, memory, total
+    snapshot: Params | None  # parameters at this step (None: still the live ones)
+
+
+def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, memory: torch.Tensor,
+          val: torch.Tensor, q_edit: torch.Tensor, check_every: int) -> tuple[int, dict[str, float]]:
+    """Train ``params`` in place; returns (steps taken, the last step's losses).
+
+    Stops at the first of: fixed and the leak below ``leak_tol`` (screened on the memory
+    candidates, confirmed on both memories in full); fixed and no validation-memory improvement
+    for ``patience`` steps while the neuron fires on its mistake; ``fixed_patience`` steps after
+    first fixed (the exp losses can creep down for ever); ``max_steps``."""
+    c = objective.config
+    device = q_edit.device
+    # fused on CUDA: one kernel for the update, and its step counters stay on the device (no sync)
+    opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay,
+                           fused=True if device.type == "cuda" else None)
+    lam = c.memory_weight(objective.task)
+    refresh = step_fn.refresh
+    candidates, val_top = memory, val
+    best_val = torch.full((), math.inf, dtype=torch.float64, device=device)
+    since_best = torch.zeros((), dtype=torch.long, device=device)
+    fixed_for = torch.zeros((), dtype=torch.long, device=device)
+    never = torch.zeros((), dtype=torch.bool, device=device)
+    window: list[_Pending] = []
+    for step in range(c.max_steps):
+        out = step_fn(params, step)
+        z_edit = out.z_rows[0]
+        if step_fn.cached and step % refresh == 0 and memory.shape[0] > c.memory_candidates:
+            with torch.no_grad():  # the rows nearest to firing, and the validation rows that could leak most
+                scores = (memory @ params["key"].T + params["bias"]).max(-1).values
+                candidates = memory.index_select(0, scores.topk(c.memory_candidates).indices)
+                if val.shape[0]:
+                    gain = objective.gain(params, val).max(-1).values
+                    val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
+        with torch.no_grad():
+            z_cand = candidates @ params["key"].T + params["bias"]  # (C, n)
+        l_edit = objective.edit_loss(out.logits, out.labels)
+        l_act = objective.act_loss(out.z_rows)
+        l_mem = objective.memory_loss(objective.top_memory_z(params, candidates, z_cand), z_edit) if memory.shape[0] else l_edit.new_zeros(())
+        loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
+
+        with torch.no_grad():
+            leak = objective.leak(params, q_edit, candidates, val_top, z_first=z_cand)
+            leak_ok = out.fixed & (leak.double() < c.leak_tol)
+            patience = never
+            if step % refresh == 0:
+                # Early stop on the validation memory, counted only while the neuron fires on its mistake.
+                ze = z_edit.detach()
+                val_loss = objective.memory_loss(val @ params["key"].T + params["bias"], ze).double()
+                fixed_for = fixed_for + refresh * out.fixed.long()
+                firing = out.fixed & (ze.min().double() > c.act_margin)
+                improved = val_loss < best_val - 1e-6
+                best_val = torch.where(firing & improved, val_loss, best_val)
+                since_best = torch.where(firing, torch.where(improved, 0, since_best + refresh), since_best)
+                patience = out.fixed & ((since_best >= c.patience) | (fixed_for >= c.fixed_patience))
+            last = step == c.max_steps - 1 or len(window) + 1 >= check_every
+            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val,
+                                   torch.stack([l_edit, l_act, l_mem, loss]).detach(),
+                                   None if last else {k: v.detach().clone() for k, v in params.items()}))
+        if last:
+            stop = _first_stop(window, params, objective, memory, val, q_edit)
+            if stop is not None:
+                if stop.snapshot is not None:
+                    with torch.no_grad():
+                        for k, v in params.items():
+                            v.copy_(stop.snapshot[k])
+                return stop.step + 1, _losses(stop.losses)
+            final_losses = window[-1].losses
+            window = []
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
+        # the unfused Adam keeps its step counters on the CPU, but makes them on torch's default device
+        with torch.device("cpu") if step == 0 else nullcontext():
+            opt.step()
+    return c.max_steps, _losses(final_losses)
+
+
+def _first_stop(window: list[_Pending], params: Params, objective: Objective, memory: torch.Tensor,
+                val: torch.Tensor, q_edit: torch.Tensor) -> _Pending | None:
+    """The first pending step at which a stopping rule holds (one host sync for the flags)."""
+    flags = torch.stack([torch.stack([p.leak_ok, p.patience]) for p in window]).tolist()
+    tol = objective.config.leak_tol
+    for p, (leak_ok, patience) in zip(window, flags):
+        if leak_ok:
+            with torch.no_grad():
+                if p.screened_in_full or float(objective.leak(p.snapshot or params, q_edit, memory, val)) < tol:
+                    return p
+        if patience:
+            return p
+    return None
+
+
+def _losses(values: torch.Tensor) -> dict[str, float]:
+    edit, act, mem, total = values.tolist()
+    return {"edit": edit, "activation": act, "memory": mem, "total": total}
