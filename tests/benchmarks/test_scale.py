@@ -1,0 +1,49 @@
+"""The scale benchmark end to end on a tiny Llama shape on the CPU (seconds): both modes run, every
+figure is there and sane, and bad options fail with a one-line error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import scale
+
+torch.set_num_threads(1)
+
+TINY = ["--shape", "1.1b", "--layers", "2", "--hidden", "64", "--ffn", "128", "--heads", "4", "--kv-heads", "2",
+        "--device", "cpu", "--memory", "12", "--edits", "2", "--steps", "3"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_tiny_cpu_run_writes_every_field(tmp_path):
+    out = tmp_path / "scale.json"
+    returned = scale.main(TINY + ["--dtype", "bfloat16", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(returned))
+    assert data["benchmark"] == "scale" and data["device"] == "cpu" and data["dtype"] == "bfloat16"
+    assert data["model"]["num_hidden_layers"] == 2 and data["model"]["hidden_size"] == 64
+    assert data["model"]["intermediate_size"] == 128 and data["model"]["vocab_size"] == 30522
+    assert data["model"]["parameters"] > 30522 * 64
+    assert data["memory"]["sentences"] == 12 and data["memory"]["queries"] > 12 and data["memory"]["build_s"] > 0
+    assert set(data["modes"]) == {"cached", "full"}
+    for mode in data["modes"].values():
+        assert mode["edits"] == 2 and mode["edits"] - mode["already_correct"] >= 1
+        assert mode["steps"] == 3 * (mode["edits"] - mode["already_correct"])
+        assert mode["ms_per_step"] > 0 and mode["s_per_edit"] > mode["ms_per_step"] * 3 / 1000
+        assert mode["peak_gpu_mb"] is None
+    assert data["full_over_cached_step"] > 0
+    assert data["command"].startswith("python -m benchmarks.scale")
+
+
+@pytest.mark.parametrize("bad, message", [(["--modes", "fast"], "--modes"), (["--steps", "0"], "--steps"),
+                                          (["--heads", "5"], "divide evenly")])
+def test_bad_options_exit_with_one_line(bad, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        scale.main(TINY + bad + ["--out", str(tmp_path / "x.json")])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    text = str(exc.value.code) if isinstance(exc.value.code, str) else err[-1]
+    assert message in text and "\n" not in text
+    assert not (tmp_path / "x.json").exists()
