@@ -30,6 +30,7 @@ from tasks.registry.versions import (MAX_TAG_VALUE, TAG_KIND, TAG_REGISTERED_MOD
 T = TypeVar("T")
 _HTTP_SCHEMES = ("http://", "https://")
 
+
 def default_tracking_uri(directory: str | Path) -> str:
     """``sqlite:///<abs dir>/mlflow.db`` — the app's default store (artifacts beside it)."""
     return f"sqlite:///{(Path(directory).resolve() / 'mlflow.db').as_posix()}"
@@ -62,7 +63,8 @@ def is_not_found(exc: BaseException) -> bool:
 
 
 class RegistryClient:
-    """patchflow's handle on one MLflow tracking store + model registry (no fluent globals).
+    """patchflow's handle on one MLflow tracking store + model registry, through its own
+    ``MlflowClient`` (MLflow's fluent tracking URI is set only around ``log_model``).
 
     ``retries``: attempts per HTTP request (MLflow retries ``retries - 1`` times);
     ``backoff_s``: MLflow's backoff factor (whole seconds, rounded up: urllib3 retries once at
@@ -78,6 +80,8 @@ class RegistryClient:
                  retries: int = 3, backoff_s: float = 0.5, timeout_s: int | None = None) -> None:
         if not 1 <= int(retries) <= 11:
             raise ValueError(f"retries must be 1..11 (MLflow allows at most 10 retries), not {retries}")
+        if not 0 <= backoff_s <= 120:
+            raise ValueError(f"backoff_s must be 0..120 s (MLflow's limit), not {backoff_s}")
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri or tracking_uri
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)

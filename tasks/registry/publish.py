@@ -12,16 +12,14 @@ deleted (or, when that fails too, left untagged and removed by the next attempt 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
 import patcher
-from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput
 
 from tasks.records import LedgerEntry, write_ledger
 from tasks.registry import lifecycle
@@ -32,7 +30,7 @@ from tasks.registry.versions import (CHALLENGER, CHAMPION, TAG_BASE_VERSION, TAG
                                      TAG_PATCH_COUNT, TAG_PREVIOUS_CHAMPION, TAG_REGISTERED_MODEL, TAG_TASK,
                                      ModelVersionInfo, RegistryError, RegistryUnavailable)
 from tasks.registry.loading import LEDGER_FILE
-from tasks.registry.report import metric_key, render_stream_plot
+from tasks.registry.report import log_run_data, render_stream_plot
 
 METRICS_FILE, REPORT_FILE, PLOT_FILE = "metrics.json", "gate_report.json", "metrics.png"
 #: Files copied from a HF folder into the base version (never pickles).
@@ -258,7 +256,7 @@ def register_candidate(reg: RegistryClient, name: str, patch_dir: str | Path, me
     try:
         with tempfile.TemporaryDirectory(prefix="patchflow-candidate-") as tmp:
             staged = Path(tmp)
-            _log_run_data(reg, run_id, metrics, step_metrics, patch_set)
+            log_run_data(reg, run_id, metrics, step_metrics, patch_set)
             copy_patch_dir(patch_dir, staged / pm.PATCHES_ARTIFACT)
             write_ledger(staged / LEDGER_FILE, ledger)
             (staged / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "steps": step_metrics}, indent=2,
@@ -292,32 +290,6 @@ def register_candidate(reg: RegistryClient, name: str, patch_dir: str | Path, me
 
     version = _publish(reg, name, f"a candidate (night {night_key!r})", run_id, logged, lineage_tags, finish)
     return reg.info(name, version)
-
-
-def _log_run_data(reg: RegistryClient, run_id: str, metrics: dict[str, float], step_metrics: list[dict],
-                  patch_set: patcher.PatchSet) -> None:
-    ts = int(time.time() * 1000)
-    batch: list[Metric] = []
-    for k, v in (metrics or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            batch.append(Metric(metric_key(k), float(v), ts, 0))
-    for i, row in enumerate(step_metrics or []):
-        step = row.get("step", row.get("edit", i + 1))
-        step = int(step) if isinstance(step, (int, float)) else i + 1
-        for k, v in row.items():
-            if k not in ("step", "edit") and not isinstance(v, bool) and isinstance(v, (int, float)) \
-                    and math.isfinite(float(v)):
-                batch.append(Metric(metric_key(f"stream/{k}"), float(v), ts, step))
-    hyper = pm.manifest_value(patch_set, "hyperparameters") or {}
-    hyper = hyper.model_dump() if hasattr(hyper, "model_dump") else dict(hyper)
-    params = [Param(metric_key(f"hp.{k}"), json.dumps(v, default=str)[:6000]) for k, v in sorted(hyper.items())[:90]]
-    params += [Param(f"patch.{k}", str(pm.manifest_value(patch_set, k))[:6000])
-               for k in ("format", "library_version", "architecture", "model_type", "layer")]
-    params.append(Param("patch.neurons", str(patch_set.neurons)))
-    for start in range(0, max(len(batch), 1), 900):
-        first = start == 0
-        reg.call(reg.client.log_batch, run_id, metrics=batch[start:start + 900], params=params if first else [],
-                 tags=[RunTag("mlflow.note.content", "patchflow nightly patch version")] if first else [])
 
 
 def _repair_alias(reg: RegistryClient, name: str, info: ModelVersionInfo, alias: str | None,

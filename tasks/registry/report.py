@@ -1,12 +1,18 @@
-"""What a person reads: the model's status, and the plot of a night's per-edit metrics."""
+"""What a person reads: the model's status, a night's run metrics and the plot of its per-edit metrics."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import patcher
+from mlflow.entities import Metric, Param, RunTag
+
+from tasks.registry import pyfunc_model as pm
 from tasks.registry.client import RegistryClient
 from tasks.registry.versions import TAG_COMPLETE, TAG_FLOW_RUN_ID, TAG_NIGHT_KEY, TAG_TASK
 from tasks.registry.lifecycle import champion_history
@@ -46,6 +52,33 @@ def status(reg: RegistryClient, name: str) -> dict[str, Any]:
         }
     return {"name": name, "task": (rm.tags or {}).get(TAG_TASK), "aliases": aliases, "versions": versions,
             "champion_history": champion_history(reg, name), "last_night": last_night}
+
+
+def log_run_data(reg: RegistryClient, run_id: str, metrics: dict[str, float], step_metrics: list[dict],
+                 patch_set: patcher.PatchSet) -> None:
+    """A night's run: summary metrics (step 0), per-edit ``stream/<key>`` series, hyperparameters."""
+    ts = int(time.time() * 1000)
+    batch: list[Metric] = []
+    for k, v in (metrics or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            batch.append(Metric(metric_key(k), float(v), ts, 0))
+    for i, row in enumerate(step_metrics or []):
+        step = row.get("step", row.get("edit", i + 1))
+        step = int(step) if isinstance(step, (int, float)) else i + 1
+        for k, v in row.items():
+            if k not in ("step", "edit") and not isinstance(v, bool) and isinstance(v, (int, float)) \
+                    and math.isfinite(float(v)):
+                batch.append(Metric(metric_key(f"stream/{k}"), float(v), ts, step))
+    hyper = pm.manifest_value(patch_set, "hyperparameters") or {}
+    hyper = hyper.model_dump() if hasattr(hyper, "model_dump") else dict(hyper)
+    params = [Param(metric_key(f"hp.{k}"), json.dumps(v, default=str)[:6000]) for k, v in sorted(hyper.items())[:90]]
+    params += [Param(f"patch.{k}", str(pm.manifest_value(patch_set, k))[:6000])
+               for k in ("format", "library_version", "architecture", "model_type", "layer")]
+    params.append(Param("patch.neurons", str(patch_set.neurons)))
+    for start in range(0, max(len(batch), 1), 900):
+        first = start == 0
+        reg.call(reg.client.log_batch, run_id, metrics=batch[start:start + 900], params=params if first else [],
+                 tags=[RunTag("mlflow.note.content", "patchflow nightly patch version")] if first else [])
 
 
 def render_stream_plot(step_metrics: list[dict], metrics: dict[str, float], path: Path, title: str) -> Path:
