@@ -67,16 +67,22 @@ def _length(text: str | None, strip: bool = False) -> int | None:
     return None if text is None else len(text.strip() if strip else text)
 
 
-def edit_error(row: ParsedRow, ctx: "ValidationContext") -> str | None:
+def edit_error(row: ParsedRow, ctx: "ValidationContext", tokens: list[int | None]) -> str | None:
     """Why patching cannot use this row (`ctx.check_edit` on the input and each equivalent), or
-    None. Rows the cheaper checks already reject (not text, empty, too long) are not asked."""
+    None. Rows the cheaper checks already reject (not text, empty, too many characters or
+    tokens, not a label) are not asked, so each problem is reported once."""
     texts = [row.text("input"), row.text("correction"), *row.equivalents]
-    if ctx.check_edit is None or any(t is None or not t.strip() or len(t) > ctx.max_chars for t in texts):
-        return None
     correction = texts[1]
+    if (
+        ctx.check_edit is None
+        or any(t is None or not t.strip() or len(t) > ctx.max_chars for t in texts)
+        or any(n is None or n > ctx.max_input_tokens for n in tokens)
+        or (ctx.labels is not None and correction not in ctx.labels)
+    ):
+        return None
     for label, text in [("", texts[0])] + [(f"equivalent {i}: ", e) for i, e in enumerate(row.equivalents)]:
         try:
-            problem = ctx.check_edit(text, correction)
+            problem = ctx.check_edit(text, correction)  # type: ignore[arg-type]
         except Exception as exc:  # one row's failure must not stop the night
             problem = f"{type(exc).__name__}: {exc}"
         if problem:
@@ -106,16 +112,17 @@ def build_frame(rows: list[ParsedRow], ctx: "ValidationContext") -> pd.DataFrame
             put(f"{f}_stripped_chars", _length(texts[f], strip=True))
         put("input_chars", _length(texts["input"]))
         put("correction_chars", _length(texts["correction"]))
-        put("input_tokens", tokens(texts["input"]))
+        counts = [tokens(texts["input"]), *map(tokens, equivalents)]
+        put("input_tokens", counts[0])
         put("equivalents_text", " ".join(equivalents) or None)
         put("equivalents_max_chars", max(map(len, equivalents), default=None))
-        put("equivalents_max_tokens", max((t for t in map(tokens, equivalents) if t is not None), default=None))
+        put("equivalents_max_tokens", max((t for t in counts[1:] if t is not None), default=None))
         put("id_applied_before", None if texts["id"] is None else texts["id"] in ctx.known_ids)
         put("logged_at_utc", row.logged_at)
         put("logged_at_error", row.logged_at_error)
         put("equivalents_error", row.equivalents_error)
         put("metadata_error", row.metadata_error)
-        put("edit_error", edit_error(row, ctx))
+        put("edit_error", edit_error(row, ctx, counts))
     if not rows:
         return pd.DataFrame()
     columns["corrections_per_input"] = corrections_per_input(columns["input_text"], columns["correction_text"])

@@ -551,3 +551,16 @@ def test_bad_input_scenarios(tmp_path: Path, scenario: Any) -> None:
     again = ingest(source, state, "sentiment")
     assert (again.rows_read, again.file_problems) == (0, [])
     state.close()
+
+
+def test_check_edit_is_not_asked_about_rows_other_checks_reject() -> None:
+    asked: list[tuple[str, str]] = []
+
+    def check_edit(text: str, correction: str) -> str | None:
+        asked.append((text, correction))
+        return "the model cannot take it"
+
+    rows = [raw(1, correction="neutral"), raw(2, input="w " * 40), raw(3, input=""), raw(4, input="x" * 5000)]
+    result = validate(rows, make_ctx(check_edit=check_edit))
+    assert asked == [] and len(result.quarantined) == 4
+    assert all("unpatchable" not in keys(result, i) for i in range(4))
