@@ -118,7 +118,7 @@ def _read_file(path: Path, name: str, entries: dict[str, dict[str, Any]]) -> _Fi
     if binary is not None:
         problem = FileProblem(origin=str(path), reason=binary, raw=decode_lossless(data[start:]))
         return _FileResult(problem=problem, entry=whole)
-    end = complete_end(data, fmt or "")
+    end = max(complete_end(data, fmt or ""), start)  # a version 1 entry may end mid-line
     entry = {"inode": inode, "size": end, "sha256": _sha(data[:end]), "rows": 0, "whole": False}
     waiting = f"{path}: {len(data) - end} bytes of an unfinished last line" if end < len(data) else None
     if fmt == ".csv":

@@ -663,3 +663,18 @@ def test_sql_switching_cursor_column_reads_nothing_twice(tmp_path: Path, state: 
     insert(url, table, [{"id": "b", "logged_at": "2025-01-01T09:00:00Z", "input": "in b", "correction": "positive"}])
     batch = ingest(SourceConfig(kind="sql", url=url, table="errors", cursor_column="seq"), state, MODEL)
     assert ids(batch) == ["b"] and batch.skipped_known == 1
+
+
+def test_version_1_watermark_of_a_binary_file_is_not_reported_again(logs: Path, state: StateStore) -> None:
+    import hashlib
+
+    path = logs / "bad.jsonl"
+    path.write_bytes(b"\x00\x01\x02\x03garbage\n\x00\x00\x00\xff" * 50)
+    data = path.read_bytes()
+    v1 = {"kind": "files", "files": {"bad.jsonl": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                                                   "rows": 0, "rows_sha256": "x"}}}
+    state.commit_watermark(MODEL, v1, run_id="old")
+    for night in ("n1", "n2"):
+        batch = ingest(files_source(logs), state, MODEL)
+        assert (batch.rows, batch.file_problems) == ([], []), night
+        commit(state, batch, night)
