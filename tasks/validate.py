@@ -28,11 +28,8 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.checks import build_checks, build_frame, run_suite
-from tasks.fields import ParsedRow, coerce_id, normalise_input, parse_equivalents, parse_row, parse_timestamp
+from tasks.fields import ParsedRow, coerce_id, parse_row
 from tasks.records import ErrorRecord, QuarantineRow, RawRow, reason_key, utc_now
-
-__all__ = ["ValidationContext", "ValidationResult", "validate", "quarantine_row", "summarise",
-           "normalise_input", "parse_equivalents", "parse_timestamp"]
 
 # GX 1.x keeps a process-wide "project context" that a ValidationDefinition resolves at run time;
 # two validations in threads (e.g. a Prefect thread pool) must not interleave on it.

@@ -1,4 +1,5 @@
-"""Tests of tasks.validate: every check, reason mapping, the bad-input corpus end to end."""
+"""Tests of validation (tasks.validate, fields, checks): every check, reason mapping, the bad-input
+corpus and its scenarios end to end."""
 
 from __future__ import annotations
 
@@ -16,14 +17,8 @@ import pytest
 
 from tasks.ingest import SourceConfig, StateStore, ingest
 from tasks.records import ErrorRecord, RawRow, reason_key
-from tasks.validate import (
-    ValidationContext,
-    ValidationResult,
-    normalise_input,
-    parse_equivalents,
-    parse_timestamp,
-    validate,
-)
+from tasks.fields import normalise_input, parse_equivalents, parse_timestamp
+from tasks.validate import ValidationContext, ValidationResult, validate
 
 NOW = datetime(2025, 6, 1, tzinfo=timezone.utc)
 TS = "2025-01-01T10:00:00Z"
