@@ -25,12 +25,12 @@ from tasks.records import LedgerEntry, write_ledger
 from tasks.registry import lifecycle
 from tasks.registry import pyfunc_model as pm
 from tasks.registry.client import RegistryClient, safe_name, short_hash
+from tasks.registry.loading import LEDGER_FILE
+from tasks.registry.report import log_run_data, render_stream_plot
 from tasks.registry.versions import (CHALLENGER, CHAMPION, TAG_BASE_VERSION, TAG_COMPLETE, TAG_FINGERPRINT,
                                      TAG_FLOW_RUN_ID, TAG_INCOMPLETE, TAG_KIND, TAG_NIGHT_KEY, TAG_PARENT_VERSION,
                                      TAG_PATCH_COUNT, TAG_PREVIOUS_CHAMPION, TAG_REGISTERED_MODEL, TAG_TASK,
                                      ModelVersionInfo, RegistryError, RegistryUnavailable)
-from tasks.registry.loading import LEDGER_FILE
-from tasks.registry.report import log_run_data, render_stream_plot
 
 METRICS_FILE, REPORT_FILE, PLOT_FILE = "metrics.json", "gate_report.json", "metrics.png"
 #: Files copied from a HF folder into the base version (never pickles).
@@ -146,7 +146,7 @@ def register_base(reg: RegistryClient, name: str, model_dir: str | Path, task: s
     with tempfile.TemporaryDirectory(prefix="patchflow-base-") as tmp:
         staged = Path(tmp) / pm.HF_MODEL_ARTIFACT
         copy_hf_folder(model_dir, staged)
-        model, _tok = patcher.load_model(staged)
+        model, _tok = patcher.load_model(staged, device="cpu")  # saved dtype: the fingerprint of record
         fp, model_type = patcher.fingerprint(model), getattr(model.config, "model_type", "")
         del model, _tok
         reg.ensure_registered_model(name, task)
@@ -230,7 +230,7 @@ def register_candidate(reg: RegistryClient, name: str, patch_dir: str | Path, me
         patch_set = patcher.PatchSet.load(patch_dir)
     except patcher.PatchError as exc:
         raise RegistryError(f"model {name!r}: {exc}") from exc
-    fp, edit_ids = pm.manifest_value(patch_set, "base_fingerprint"), patch_set.edit_ids
+    fp, edit_ids = patch_set.manifest.base_fingerprint, patch_set.edit_ids
     if base.tags.get(TAG_FINGERPRINT) and fp != base.tags[TAG_FINGERPRINT]:
         raise RegistryError(f"model {name!r}: the patch set in {patch_dir} was made for base fingerprint "
                             f"{str(fp)[:12]}…, but base version {base_version} has {base.tags[TAG_FINGERPRINT][:12]}…")
@@ -266,7 +266,7 @@ def register_candidate(reg: RegistryClient, name: str, patch_dir: str | Path, me
                                title=f"{name} — night {night_key} ({len(patch_set)} edits)")
             (staged / pm.POINTER_FILE).write_text(json.dumps({
                 "format": pm.POINTER_FORMAT, "kind": "patch", "registered_model": name, "task": task,
-                "model_type": pm.manifest_value(patch_set, "model_type"), "base_version": base_version,
+                "model_type": patch_set.manifest.model_type, "base_version": base_version,
                 "base_model_uri": f"models:/{name}/{base_version}", "base_artifact_uri": base.source,
                 "base_fingerprint": fp, "parent_version": parent_version, "patch_count": len(patch_set),
                 "edit_ids": edit_ids, "night_key": night_key, "flow_run_id": str(flow_run_id)}, indent=2))

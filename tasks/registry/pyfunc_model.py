@@ -20,13 +20,13 @@ bases are kept in ``$PATCHFLOW_BASE_CACHE`` when it is set.
 
 Load-time options (``mlflow.pyfunc.load_model(uri, model_config={...})``): ``device`` ("auto":
 cuda when available, else cpu; or "cpu", "cuda", "cuda:N") and ``dtype`` ("auto" keeps the saved
-dtype; "float32", "bfloat16", "float16"). Weights are only ever read from safetensors.
+dtype; "float32", "bfloat16", "float16"), resolved by ``patcher.load_model``. Weights are only
+ever read from safetensors.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import tempfile
@@ -38,7 +38,6 @@ import mlflow
 import mlflow.artifacts
 import mlflow.pyfunc
 import pandas as pd
-import torch
 
 import patcher
 from patcher.storage import build_once
@@ -55,7 +54,6 @@ INPUT_COLUMN = "input"
 BASE_CACHE_ENV = "PATCHFLOW_BASE_CACHE"
 #: Load-time options (``model_config``) and their defaults, logged with every version.
 DEFAULT_OPTIONS = {"device": "auto", "dtype": "auto"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _PREDICT_BATCH = 64
 
@@ -72,48 +70,19 @@ def local_path_of(uri: str) -> Path | None:
     return None
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto" (or None) -> cuda when available, else cpu."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """None / "auto" -> None (the saved dtype); a name from DTYPES or a torch dtype otherwise."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    if dtype not in DTYPES:
-        raise ValueError(f"patchflow: unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def manifest_value(patch_set: "patcher.PatchSet", key: str) -> Any:
-    """A required manifest field, whether ``PatchSet.manifest`` is a dict or a typed model."""
-    manifest = patch_set.manifest
-    return manifest[key] if isinstance(manifest, dict) else getattr(manifest, key)
-
-
-def build_model(base_folder: Path, patch_set: "patcher.PatchSet | None", *, device=None, dtype=None,
+def build_model(base_folder: Path, patch_set: "patcher.PatchSet | None", *, device="auto", dtype=None,
                 base_fingerprint: str | None = None):
     """Load the base from ``base_folder`` on ``device`` in ``dtype`` and apply ``patch_set``.
 
     The patch set is checked against the loaded base's fingerprint when the base keeps its saved
     dtype; in another dtype the weights differ by design, so the manifest's fingerprint is checked
     against ``base_fingerprint`` (the registered base's) instead."""
-    target, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    if "device" in inspect.signature(patcher.load_model).parameters:
-        model, tokenizer = patcher.load_model(base_folder, dtype=torch_dtype, device=target)
-    else:
-        model, tokenizer = patcher.load_model(base_folder, dtype=torch_dtype)
-    model.to(target)
+    model, tokenizer = patcher.load_model(base_folder, dtype=dtype, device=device)
     if patch_set is not None:
-        if torch_dtype is None:
+        if patcher.resolve_dtype(dtype) is None:
             patch_set.apply(model)
         else:
-            if base_fingerprint and manifest_value(patch_set, "base_fingerprint") != base_fingerprint:
+            if base_fingerprint and patch_set.manifest.base_fingerprint != base_fingerprint:
                 raise patcher.PatchError("patch set was made for a different base model (fingerprint mismatch)")
             patch_set.apply(model, check_base=False)
     model.eval()

@@ -12,10 +12,9 @@ from typing import Any
 import patcher
 from mlflow.entities import Metric, Param, RunTag
 
-from tasks.registry import pyfunc_model as pm
 from tasks.registry.client import RegistryClient
-from tasks.registry.versions import TAG_COMPLETE, TAG_FLOW_RUN_ID, TAG_NIGHT_KEY, TAG_TASK
 from tasks.registry.lifecycle import champion_history
+from tasks.registry.versions import TAG_COMPLETE, TAG_FLOW_RUN_ID, TAG_NIGHT_KEY, TAG_TASK
 
 
 def metric_key(key: str) -> str:
@@ -69,12 +68,13 @@ def log_run_data(reg: RegistryClient, run_id: str, metrics: dict[str, float], st
             if k not in ("step", "edit") and not isinstance(v, bool) and isinstance(v, (int, float)) \
                     and math.isfinite(float(v)):
                 batch.append(Metric(metric_key(f"stream/{k}"), float(v), ts, step))
-    hyper = pm.manifest_value(patch_set, "hyperparameters") or {}
-    hyper = hyper.model_dump() if hasattr(hyper, "model_dump") else dict(hyper)
-    params = [Param(metric_key(f"hp.{k}"), json.dumps(v, default=str)[:6000]) for k, v in sorted(hyper.items())[:90]]
-    params += [Param(f"patch.{k}", str(pm.manifest_value(patch_set, k))[:6000])
-               for k in ("format", "library_version", "architecture", "model_type", "layer")]
-    params.append(Param("patch.neurons", str(patch_set.neurons)))
+    manifest = patch_set.manifest
+    params = [Param(metric_key(f"hp.{k}"), json.dumps(v, default=str)[:6000])
+              for k, v in sorted(manifest.hyperparameters.items())[:90]]
+    params += [Param(f"patch.{key}", str(value)[:6000]) for key, value in (
+        ("format", manifest.format), ("library_version", manifest.library_version),
+        ("architecture", manifest.architecture), ("model_type", manifest.model_type), ("layer", manifest.layer),
+        ("neurons", manifest.neurons))]
     for start in range(0, max(len(batch), 1), 900):
         first = start == 0
         reg.call(reg.client.log_batch, run_id, metrics=batch[start:start + 900], params=params if first else [],

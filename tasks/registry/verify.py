@@ -68,7 +68,7 @@ def verify_version(reg: RegistryClient, name: str, version: str) -> dict[str, An
         if str(len(patch_set)) != tags.get(TAG_PATCH_COUNT):
             raise RegistryError(f"{where}: stored patch set has {len(patch_set)} edits, tag {TAG_PATCH_COUNT} "
                                 f"says {tags.get(TAG_PATCH_COUNT)}")
-        if pm.manifest_value(patch_set, "base_fingerprint") != pointer.get("base_fingerprint"):
+        if patch_set.manifest.base_fingerprint != pointer.get("base_fingerprint"):
             raise RegistryError(f"{where}: manifest and pointer disagree on the base fingerprint")
         try:
             ledger = read_ledger(ledger_path)
