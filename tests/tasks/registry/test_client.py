@@ -68,3 +68,35 @@ def test_a_dead_server_fails_fast_with_a_clear_message():
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="retries"):
         Registry("http://127.0.0.1:1", retries=0)
+
+
+def test_different_settings_never_overlap_and_are_put_back(monkeypatch):
+    """MLflow reads MLFLOW_HTTP_REQUEST_* from os.environ per request: a client with other settings
+    waits until the first one's calls are done, and the operator's values come back afterwards."""
+    from tasks.registry.mlflow_env import mlflow_http_settings
+
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    monkeypatch.setenv(key, "7")
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with mlflow_http_settings({key: "1"}):
+            inside.set()
+            release.wait(10)
+            seen.append(("first", os.environ[key]))
+
+    def second():
+        with mlflow_http_settings({key: "4"}):
+            seen.append(("second", os.environ[key]))
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert inside.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    time.sleep(0.2)
+    assert seen == []  # the second waits
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert seen == [("first", "1"), ("second", "4")] and os.environ[key] == "7"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pandas as pd
@@ -23,7 +24,12 @@ def _dir_size(uri: str) -> int:
 
 
 def test_base_registration_serves_and_is_idempotent(reg: Registry, assets):
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    ambient, fluent = os.environ["MLFLOW_TRACKING_URI"], tracking_utils._tracking_uri
     info = reg.register_base(NAME, assets["base"], "text-classification")
+    # log_model's fluent tracking URI was set for the call only: the caller's settings are intact
+    assert os.environ["MLFLOW_TRACKING_URI"] == ambient and tracking_utils._tracking_uri == fluent
     assert info.version == "1" and info.kind == "base" and info.aliases == (CHAMPION,)
     assert info.tags["patchflow.base_version"] == "1" and info.complete
     assert info.tags["patchflow.task"] == "text-classification"
