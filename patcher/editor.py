@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .config import PatcherConfig
 from .encoding import Encoded, collate, encode, gather_positions, labels_of, pad_id
 from .errors import PatchError
 from .families import Family, get_path, resolve_family
@@ -33,51 +33,6 @@ from .layer import PatchedFFN
 from .predict import predict
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
 from .training import Objective, train
-
-
-class PatcherConfig(BaseModel):
-    """Hyperparameters. The defaults are those of the Transformer-Patcher paper's reference
-    implementation, except the fields marked "ours" (which the paper does not have)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    memory_size: int = Field(40_000, gt=0, description="cached queries of unrelated inputs")
-    val_memory_fraction: float = Field(0.1, ge=0, lt=1, description="held out for early stopping")
-    max_steps: int = Field(2000, gt=0)
-    lr: float = 1e-2
-    weight_decay: float = 0.01
-    grad_clip: float = 5.0
-    batch_size: int = Field(8, ge=1, description="the edit repeated with dropout on")
-    dropout_rounds: int = Field(0, ge=0, description="cached mode: dropout samples of the batch (paraphrases included) "
-                                "captured per edit; 0: one sample of the edit alone (ours)")
-    amplifier: float = 10.0
-    act_margin: float = 0.0
-    act_topk: int = 5
-    memory_margin: float = 3.0
-    memory_topk: int = 1000
-    act_loss_weight: float = 1.0
-    memory_loss_weight: float | None = Field(None, description="None: 5 for classification, 10 for generation")
-    entropy_weight: float = Field(0.1, description="binary classification: edit loss adds -w * entropy")
-    label_smoothing: float = Field(0.1, description="generation edit loss")
-    max_neurons_per_edit: int = Field(5, ge=1, description="generation: neurons for the first wrong tokens")
-    leak_tol: float = Field(0.05, ge=0, description="stop once fixed and no memory query can get more than this share "
-                            "of the patch's output on its mistake (ours)")
-    patience: int = Field(50, ge=1, description="steps without validation-memory improvement once fixed")
-    fixed_patience: int = Field(500, ge=1, description="at most this many steps after the edit is first fixed (ours)")
-    train_on_equivalents: bool = True
-    cached: bool = Field(True, description="False: reference-faithful full forward at every step")
-    memory_candidates: int = Field(4096, gt=0, description="cached mode: memory rows scored between refreshes")
-    memory_refresh: int = Field(10, gt=0, description="cached mode: steps between full memory scans")
-    check_every: int | None = Field(None, gt=0, description="steps between the host's looks at the stopping rules "
-                                    "(they are computed on the device every step, so the patch does not depend on "
-                                    "this); None: 1 on CPU or in full-forward mode, 8 otherwise (ours)")
-    max_new_tokens: int = 16
-    seed: int = 0
-
-    def memory_weight(self, task: str) -> float:
-        if self.memory_loss_weight is not None:
-            return self.memory_loss_weight
-        return 5.0 if task == "classification" else 10.0
 
 
 @dataclass
@@ -136,7 +91,7 @@ class Editor:
         ref = self.ffn.out.weight
         self.device, self.dtype = ref.device, ref.dtype
         self.input_device = getattr(model, "device", ref.device)  # where the embeddings are
-        self.memory = torch.zeros(0, self.ffn.d_model, device=self.device)  # fp32: scored against fp32 neurons
+        self.memory = torch.zeros(0, self.ffn.d_model, device=self.device)
         self.val_memory = torch.zeros(0, self.ffn.d_model, device=self.device)
         self._pre_norm = get_path(self.ffn.layer, self.family.pre_norm) if self.family.pre_norm else None
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
@@ -147,6 +102,25 @@ class Editor:
             for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
 
     # ------------------------------------------------------------------ queries and memory
+    @property
+    def memory(self) -> torch.Tensor:
+        """(N, d) FFN inputs of unrelated inputs and earlier edits the new neurons must stay silent on;
+        fp32 on the model's device whatever is assigned (it is scored against the fp32 neurons)."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, value: torch.Tensor) -> None:
+        self._memory = value.to(device=self.device, dtype=torch.float32)
+
+    @property
+    def val_memory(self) -> torch.Tensor:
+        """(N, d) held-out memory queries: early stopping and the leak check, never trained against."""
+        return self._val_memory
+
+    @val_memory.setter
+    def val_memory(self, value: torch.Tensor) -> None:
+        self._val_memory = value.to(device=self.device, dtype=torch.float32)
+
     @contextmanager
     def _hooks(self, store: dict, queries_only: bool = False):
         def take_q(module, args):

@@ -89,8 +89,13 @@ class Objective:
         ``z_first``: the first memory's pre-activations, when the caller has them already."""
         worst = q_edit.new_zeros(q_edit.shape[0])
         for i, m in enumerate(memories):
-            if m.shape[0]:
-                worst = torch.maximum(worst, self.gain(params, m, z_first if i == 0 else None).max(0).values)
+            if not m.shape[0]:
+                continue
+            z = z_first if i == 0 and z_first is not None else m @ params["key"].T + params["bias"]
+            if self.gated:
+                worst = torch.maximum(worst, self.gain(params, m, z).max(0).values)
+            else:  # the envelope rises with z, so the row highest in z is the one that can receive most
+                worst = torch.maximum(worst, self.envelope(z.max(0).values))
         z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
         own = self.act(z_e).abs()
         if self.gated:

@@ -20,14 +20,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 class _DefaultDevice:
+    """torch's default device set for the block; the previous one restored however it ends."""
+
     def __init__(self, device: str):
         self.device = device
 
     def __enter__(self):
+        self.previous = torch.get_default_device()
         torch.set_default_device(self.device)
 
     def __exit__(self, *exc):
-        torch.set_default_device(None)
+        torch.set_default_device(self.previous)
 
 
 def test_the_trick_catches_a_stray_tensor():

@@ -84,3 +84,16 @@ def test_bf16_check_of_fixed_is_in_the_models_dtype():
     assert real.dtype == cached.dtype == torch.bfloat16
     assert bool(out.fixed) == bool((real.argmax(-1) == labels).all())
     torch.testing.assert_close(cached.float(), real.float(), atol=0.1, rtol=0.05)
+
+
+def test_assigned_memory_is_kept_in_fp32():
+    """A memory saved by a bf16 run (or made elsewhere) is scored against the fp32 neurons: it is
+    stored as fp32 on the model's device whatever is assigned, and an edit then trains on it."""
+    model, tok = _bf16("distilbert")
+    editor = Editor(model, tok, C.config())
+    editor.build_memory(tiny.SENTENCES)
+    memory, val = editor.memory.clone(), editor.val_memory.clone()
+    editor.memory, editor.val_memory = memory.to(torch.bfloat16), val.to(torch.float64)
+    assert editor.memory.dtype == editor.val_memory.dtype == torch.float32
+    assert torch.equal(editor.memory, memory.to(torch.bfloat16).float())
+    assert editor.edit(C.wrong_request(editor)).steps >= 1
