@@ -28,6 +28,8 @@ class NightReport(BaseModel):
     accepted: int = 0
     quarantined: int = 0  # rows; rows_read == accepted + quarantined
     files_unreadable: list[str] = []  # whole files ingest could not read: "<file>: <reason>"
+    files_waiting: list[str] = []  # files whose last line is still being written: read next night
+    skipped_known: int = 0  # rows an earlier night already ingested (a rotated or rewritten log)
     edits_applied: int = 0
     resumed_after: int = 0  # edits recovered from a checkpoint of an interrupted run of this night
     gate: dict | None = None
@@ -49,7 +51,8 @@ def nightly(model: str, config_dir: str = "deployments", progress: bool = True) 
         checked = validate_errors(cfg, batch, parent, run_id, quarantine)
         counts = dict(rows_read=batch.rows_read, accepted=len(checked.accepted),
                       quarantined=len(checked.quarantined),
-                      files_unreadable=[f"{p.origin}: {p.reason}" for p in batch.file_problems])
+                      files_unreadable=[f"{p.origin}: {p.reason}" for p in batch.file_problems],
+                      files_waiting=batch.waiting, skipped_known=batch.skipped_known)
         if not checked.accepted:
             commit_watermark(cfg, state, batch, run_id)
             return NightReport(model=cfg.name, status="nothing-new", parent_version=parent.version, **counts,

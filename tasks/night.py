@@ -74,7 +74,9 @@ def load_parent(registry: Registry, cfg: ModelConfig) -> LoadedVersion:
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_errors(cfg: ModelConfig, state: StateStore) -> IngestBatch:
     batch = ingest(cfg.source, state, cfg.name)
-    get_run_logger().info("ingested %d new rows (%d unreadable files)", batch.rows_read, len(batch.file_problems))
+    get_run_logger().info("ingested %d new rows (%d unreadable files, %d rows already ingested skipped, "
+                          "%d files with an unfinished last line waiting)", batch.rows_read,
+                          len(batch.file_problems), batch.skipped_known, len(batch.waiting))
     return batch
 
 
@@ -87,7 +89,7 @@ def edit_checker(model, tokenizer):
         try:
             encode(model, tokenizer, family, text, correction)
         except PatchError as exc:
-            return f"unpatchable: {exc}"
+            return str(exc)  # validation files it under the `unpatchable` check
         return None
 
     return check

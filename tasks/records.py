@@ -30,9 +30,10 @@ def safe_text(text: str) -> str:
     """Make text encodable as UTF-8 without losing content.
 
     Lone surrogates (e.g. from a JSON escape like "\\ud800") cannot be stored in a database or
-    written to a file; they are replaced by their backslash escape so the content survives.
+    written to a file, and PostgreSQL text cannot hold NUL; both are replaced by their backslash
+    escape so the content survives.
     """
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def reason_key(reason: str) -> str:
