@@ -97,3 +97,16 @@ def test_assigned_memory_is_kept_in_fp32():
     assert editor.memory.dtype == editor.val_memory.dtype == torch.float32
     assert torch.equal(editor.memory, memory.to(torch.bfloat16).float())
     assert editor.edit(C.wrong_request(editor)).steps >= 1
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "llama"])
+def test_bf16_full_forward_mode(kind):
+    """The reference-faithful mode puts the fp32 neurons into the bf16 model (cast where they join it)."""
+    model, tok = _bf16(kind)
+    editor = Editor(model, tok, C.config(cached=False, max_steps=150))
+    editor.build_memory(tiny.SENTENCES)
+    request = C.wrong_request(editor)
+    result = editor.edit(request)
+    assert result.fixed, result.message
+    assert target_correct(model, tok, [request.input], [request.target]) == [True]
+    assert editor.ffn.out.live_weight is None and editor.ffn.blocks[0].out_weight.dtype == torch.bfloat16
