@@ -11,7 +11,7 @@ newest last, trimmed to fit MLflow's tag size).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict
 
 from tasks.registry.client import RegistryClient, utc_iso
 from tasks.registry.versions import (CHALLENGER, CHAMPION, MAX_TAG_VALUE, TAG_HISTORY, TAG_PREVIOUS_CHAMPION,
@@ -19,9 +19,10 @@ from tasks.registry.versions import (CHALLENGER, CHAMPION, MAX_TAG_VALUE, TAG_HI
                                      TAG_ROLLBACK_REASON, TAG_ROLLED_BACK_AT, ModelVersionInfo, RegistryError)
 
 
-@dataclass(frozen=True)
-class RollbackResult:
+class RollbackResult(BaseModel):
     """What a rollback did: the champion now, the versions taken out of service, those retired."""
+
+    model_config = ConfigDict(frozen=True)
 
     champion: ModelVersionInfo
     rolled_back: tuple[str, ...]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
 
 TAG = "patchflow."
 TAG_KIND = TAG + "kind"
@@ -33,7 +34,6 @@ CHALLENGER = "challenger"
 MAX_TAG_VALUE = 5000
 
 
-
 class RegistryError(RuntimeError):
     """A registry operation cannot be done; the message names the model / alias / version."""
 
@@ -42,9 +42,10 @@ class RegistryUnavailable(RegistryError):
     """MLflow could not be reached (still failing after MLflow's own bounded retries)."""
 
 
-@dataclass(frozen=True)
-class ModelVersionInfo:
+class ModelVersionInfo(BaseModel):
     """One registered version as patchflow sees it (tags are the ``patchflow.*`` lineage)."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     name: str
     version: str
