@@ -64,7 +64,8 @@ def append_history(reg: RegistryClient, name: str, entry: dict) -> None:
 
 
 def move_champion(reg: RegistryClient, name: str, version: str, *, action: str, reason: str) -> None:
-    """Point ``champion`` at ``version``, recording the previous one on the version and in history."""
+    """Point ``champion`` at ``version``, recording the previous one on the version and in history;
+    a challenger that the new champion is or descends from is consumed (its alias removed)."""
     current = reg.alias_version(name, CHAMPION)
     previous = str(current.version) if current is not None else ""
     if previous == str(version):
@@ -75,6 +76,10 @@ def move_champion(reg: RegistryClient, name: str, version: str, *, action: str, 
     reg.call(reg.client.set_registered_model_alias, name, CHAMPION, str(version))
     append_history(reg, name, {"at": at, "action": action, "from": previous, "to": str(version),
                                "reason": reason[:500]})
+    versions = reg.all_infos(name)  # a challenger whose edits the champion now holds is consumed
+    challenger = next((v for v in versions.values() if CHALLENGER in v.aliases), None)
+    if challenger is not None and challenger.version in {v.version for v in lineage(versions, str(version))}:
+        reg.call(reg.client.delete_registered_model_alias, name, CHALLENGER)
 
 
 # ----------------------------------------------------------------------------- lineage
@@ -141,7 +146,7 @@ def night_base(reg: RegistryClient, name: str) -> ModelVersionInfo:
 def promote(reg: RegistryClient, name: str, version: str | None = None, reason: str = "") -> ModelVersionInfo:
     """Move ``champion`` to ``version``; without one, to the challenger, which must extend the
     champion with nothing rolled back or retired in between. The ``challenger`` alias is removed
-    when it pointed at the promoted version."""
+    when the new champion is, or descends from, the challenger."""
     versions = reg.all_infos(name)
     if version is None:
         challenger = next((v for v in versions.values() if CHALLENGER in v.aliases), None)
@@ -160,8 +165,6 @@ def promote(reg: RegistryClient, name: str, version: str | None = None, reason: 
     if not target.complete:
         raise RegistryError(f"model {name!r} version {target.version} is incomplete; not promoting")
     move_champion(reg, name, target.version, action="promote", reason=reason)
-    if CHALLENGER in target.aliases:
-        reg.call(reg.client.delete_registered_model_alias, name, CHALLENGER)
     return reg.info(name, target.version)
 
 

@@ -86,7 +86,10 @@ def test_a_rollback_sticks(reg: Registry, assets):
     # the next night on v1 ships again only what it is asked to: a new challenger, promotable
     v4 = candidate(reg, assets, patch="p1", parent="1", night="night-4")
     assert v4.version == "4" and reg.night_base(NAME).version == "4"
-    assert reg.promote(NAME, reason="new night").version == "4"
+    # a night on the challenger, auto-promoted, consumes the challenger it extends
+    v5 = candidate(reg, assets, patch="p2", parent="4", night="night-5", alias=CHAMPION)
+    assert v5.aliases == (CHAMPION,) and reg.status(NAME)["aliases"] == {CHAMPION: "5"}
+    assert reg.night_base(NAME).version == "5"
 
 
 def test_a_challenger_that_does_not_extend_the_champion_is_neither_built_on_nor_promoted(reg: Registry, assets):
