@@ -30,7 +30,7 @@ from .encoding import Encoded, collate, encode, gather_positions, labels_of, pad
 from .errors import PatchError
 from .families import Family, get_path, resolve_family
 from .layer import PatchedFFN
-from .predict import predict
+from .predict import predict, target_correct
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
 from .training import Objective, train
 
@@ -231,12 +231,9 @@ class Editor:
     def predict(self, texts: Sequence[str]) -> list[str]:
         return predict(self.model, self.tokenizer, texts, max_new_tokens=self.config.max_new_tokens)
 
-    @torch.no_grad()
     def is_correct(self, text: str, target) -> bool:
-        """The model's own forward, in its dtype, gives ``target`` (every target token is the argmax)."""
-        item = self._encode(text, target)
-        _, logits = self._forward([item])
-        return bool((logits.argmax(-1) == labels_of([item], logits.device)).all())
+        """The model's own forward, in its dtype, gives ``target`` (the teacher-forced judge)."""
+        return target_correct(self.model, self.tokenizer, [text], [target])[0]
 
     # ------------------------------------------------------------------ the tail of the model
     def _logits_from(self, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
