@@ -92,3 +92,23 @@ def test_resumed_night_is_a_replay(kind, tmp_path):
     assert torch.equal(night2.memory, night1.memory)
     assert all(night2.edit(r).fixed for r in requests[1:])
     _same_blocks(night2, whole)
+
+
+def test_full_forward_dropout_masks_come_from_the_edit_seed():
+    """Full-forward mode draws its dropout masks from the edit's own seed, whatever the caller's RNG
+    did before (so a replay trains the same), and leaves the caller's RNG where it was."""
+
+    def run(global_seed: int, seed: int = 0):
+        model, tok = tiny.build("bert")
+        model.bert.encoder.layer[1].output.dropout.p = 0.3
+        editor = Editor(model, tok, C.config(cached=False, max_steps=5, batch_size=3, seed=seed))
+        editor.build_memory(tiny.SENTENCES)
+        request = C.wrong_request(editor)
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        result = editor.edit(request)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return result.steps, result.losses
+
+    assert run(1) == run(2)
+    assert run(1)[1] != run(1, seed=5)[1], "test premise: dropout changes the losses"
