@@ -83,8 +83,8 @@ class ModelConfig(BaseModel):
     device: str = Field("auto", description="where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the dtype the model is loaded (and served) in; auto keeps the saved dtype")
-    registry_retries: int = Field(3, ge=1, description="attempts per MLflow call on transient errors (server down)")
-    registry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per attempt")
+    registry_retries: int = Field(3, ge=1, le=11, description="attempts per HTTP request to MLflow (MLflow's own retries)")
+    registry_backoff_s: float = Field(0.5, ge=0, le=120, description="MLflow's retry backoff factor (whole seconds)")
 
     @field_validator("name")
     @classmethod

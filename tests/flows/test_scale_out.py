@@ -29,8 +29,8 @@ def test_sharded_evaluation_equals_local(world: World):
     assert run(world).status == "registered"
     registry = Registry(world.tracking_uri)
     champion = registry.load_version(world.name, CHAMPION)
-    ref = ModelRef(base_folder=champion.base_folder, patch_dir=registry.patch_folder(world.name, champion.version))
-    edits = [(e["input"], e["correction"]) for e in champion.ledger_entries]
+    ref = ModelRef(base_folder=champion.base_folder, patch_dir=champion.patch_dir)
+    edits = [(e.input, e.correction) for e in champion.ledger]
     rows = [(s, p) for s, p in world.pool[:40]] + edits + [(s, "L1" if p == "L0" else "L0") for s, p in world.pool[300:307]]
     inputs, targets = [x for x, _ in rows], [y for _, y in rows]
 
