@@ -8,7 +8,6 @@ written, so manifests saved by earlier versions load unchanged; ``d_model``, ``d
 from __future__ import annotations
 
 import json
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,32 +30,7 @@ def library_version() -> str:
         return "0+unknown"
 
 
-class _ReadsLikeADict:
-    """Transitional: ``manifest["key"]`` / ``.get("key")`` for callers written against the old
-    untyped dict. Use attributes instead; this goes once no caller needs it."""
-
-    def _legacy(self) -> dict:
-        return self.model_dump()
-
-    def __getitem__(self, key: str) -> Any:
-        warnings.warn(f"{type(self).__name__}[{key!r}]: use the attribute", DeprecationWarning, stacklevel=2)
-        value = self._legacy()
-        if key not in value:
-            raise KeyError(key)
-        return getattr(self, key) if key in type(self).model_fields else value[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        warnings.warn(f"{type(self).__name__}.get({key!r}): use the attribute", DeprecationWarning, stacklevel=2)
-        value = self._legacy()
-        if key not in value:
-            return default
-        return getattr(self, key) if key in type(self).model_fields else value[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._legacy()
-
-
-class PatchEntry(_ReadsLikeADict, BaseModel):
+class PatchEntry(BaseModel):
     """One edit in a patch set: its id, how many neurons it added, and free-form metadata.
 
     On disk the metadata sits beside ``id`` and ``neurons`` (``{"id": ..., "neurons": ..., **meta}``),
@@ -84,7 +58,7 @@ class PatchEntry(_ReadsLikeADict, BaseModel):
         return {**data.pop("meta", {}), **data}
 
 
-class PatchManifest(_ReadsLikeADict, BaseModel):
+class PatchManifest(BaseModel):
     """What a patch set is for and what it holds. ``edits`` are in the order they were applied.
 
     Unknown top-level keys (the ``extra`` given to ``PatchSet.from_model``) are kept."""

@@ -255,8 +255,7 @@ def test_manifest_written_by_the_previous_code_still_loads(tmp_path):
     fresh, tok = _fresh("gpt2")
     loaded.apply(fresh)
     assert torch.equal(C.logits(fresh, tok), C.logits(model, tok))
-    with pytest.warns(DeprecationWarning):  # the transitional dict-style access still answers
-        assert loaded.manifest["edits"][0].get("id") == "a" and loaded.manifest.get("neurons") == 3
+    assert loaded.manifest.edits[0].id == "a" and loaded.manifest.neurons == 3
 
 
 def _tensors(path):
