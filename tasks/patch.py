@@ -190,18 +190,23 @@ def patch_night(
     resumed_after = len(done)
     if patch_dir is None:
         patch_dir = ckpt.save(editor.patch_set(), progress)
-    for i, record in enumerate(records):
-        if record.id in done:
-            continue
-        try:
-            step: EditResult | PatchFailure = editor.edit(to_request(record, cfg.paraphrase_holdout))
-            progress.results.append(step)
-        except PatchError as exc:  # this record cannot be patched; the others can
-            step = PatchFailure(id=record.id, reason=f"unpatchable: {exc}")
-            progress.failed.append(step)
-        patch_dir = ckpt.save(editor.patch_set(), progress)
-        if on_edit is not None:
-            on_edit(i + 1, len(records), step)
+    try:
+        for i, record in enumerate(records):
+            if record.id in done:
+                continue
+            try:
+                step: EditResult | PatchFailure = editor.edit(to_request(record, cfg.paraphrase_holdout))
+                progress.results.append(step)
+            except PatchError as exc:  # this record cannot be patched; the others can
+                step = PatchFailure(id=record.id, reason=f"unpatchable: {exc}")
+                progress.failed.append(step)
+            patch_dir = ckpt.save(editor.patch_set(), progress)
+            if on_edit is not None:
+                on_edit(i + 1, len(records), step)
+    finally:
+        if model is parent.model:  # give the parent its own model back: the gate compares against it
+            for edit_id in set(editor.edit_ids) - set(parent.edit_ids):
+                editor.remove(edit_id)
     return PatchRun(night_key=key, patch_dir=patch_dir, results=progress.results, failed=progress.failed,
                     resumed_after=resumed_after)
 

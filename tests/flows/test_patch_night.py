@@ -80,3 +80,23 @@ def test_paraphrase_split_is_stable_and_holds_out_the_rounded_up_share():
     assert split_paraphrases("r1", eqs, 0.0) == (eqs, [])
     # a different record gets its own split: the choice is not always the same positions
     assert any(split_paraphrases(f"r{k}", eqs, 0.4)[1] != held[:2] for k in range(2, 8))
+
+
+def test_patching_leaves_the_parent_model_as_it_was(world):
+    """The gate compares the candidate with the parent: the parent's model object, which patching
+    works on to save a copy, must come back bit for bit (an earlier version left tonight's patches
+    in it, so the gate compared the candidate with itself and never saw a regression)."""
+    from tests.patcher import _common as C
+
+    from patcher import served_correct
+
+    cfg = load_config(world.name, world.deployments)
+    parent = _parent(world)
+    records = _records(world, 0, 3)
+    before = C.logits(parent.model, parent.tokenizer)
+    run = patch_night(cfg, parent, records)
+    fixed = [r for r in records if r.id in {a.id for a in run.applied}]
+    assert fixed
+    assert torch.equal(C.logits(parent.model, parent.tokenizer), before)
+    # the parent still makes tonight's mistakes; the candidate on disk does not
+    assert not any(served_correct(parent.model, parent.tokenizer, [r.input for r in fixed], [r.correction for r in fixed]))
