@@ -15,14 +15,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 
 import patcher
 from patcher import EditRequest, Editor, metrics, predict, target_correct
 
-METHODS = ("patcher", "faithful", "ft", "ftkl")
 JUDGES = ("served", "teacher-forced")
 Pair = tuple[str, object]  # (input, target)
 
@@ -123,8 +122,9 @@ def split_paraphrases(item: Item, gr_mode: str) -> tuple[list[str], list[str]]:
 
 
 def run_method(name: str, task: Task, stream: list[Item], base: Base, make_editor, settings: RunSettings,
-               snapshot_at: int | None = None) -> dict:
-    """Walk ``stream`` with a fresh base model and one editor; return metrics, series, per-edit rows."""
+               snapshot_at: Collection[int] = ()) -> dict:
+    """Walk ``stream`` with a fresh base model and one editor; return metrics, series, per-edit rows,
+    and at each stream position in ``snapshot_at`` the test predictions and per-item success so far."""
     from tqdm.auto import tqdm
 
     judge = settings.judge
@@ -137,7 +137,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     edited: list[Item] = []
     sr_flags: list[bool] = []
     gr_flags: list[bool] = []
-    snapshot = None
+    snapshots: dict[int, dict] = {}
     t_run = time.perf_counter()
     for t, item in enumerate(tqdm(stream, desc=name, unit="item", disable=not settings.progress), start=1):
         train_eq, gr_eq = split_paraphrases(item, settings.gr_mode)
@@ -170,9 +170,9 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
                 "test_r": metrics.net_ratio(metrics.rate(test), base.acc("test", base.series_test_idx)),
                 "neurons": _neurons(editor), "edit_seconds": sum(r.get("seconds", 0.0) for r in rows),
             })
-        if snapshot_at is not None and t == snapshot_at:
-            snapshot = {"test_predictions": predictions(model, tok, task.test_eval),
-                        "success": [r.get("success") for r in rows]}
+        if t in snapshot_at:
+            snapshots[t] = {"test_predictions": predictions(model, tok, task.test_eval),
+                            "success": [r.get("success") for r in rows]}
     run_s = time.perf_counter() - t_run
 
     t_eval = time.perf_counter()
@@ -220,7 +220,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     if isinstance(editor, Editor) and editor.edit_ids:
         patched = predictions(model, tok, task.test_eval)
         result["folded_test_agreement"] = agreement(patched, predictions(editor.folded(), tok, task.test_eval))
-    return {"result": result, "snapshot": snapshot}
+    return {"result": result, "snapshots": snapshots}
 
 
 def _neurons(editor) -> int:

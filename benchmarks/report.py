@@ -65,11 +65,12 @@ def summary(result: dict) -> str:
             v = res.get(k)
             vals.append(f"{v:>10.3f}" if isinstance(v, float) else f"{str(v):>10}")
         lines.append(f"{name:9s} " + " ".join(vals))
-    cmp = result["methods"].get("faithful", {}).get("comparison")
-    if cmp:
-        lines.append("faithful vs patcher on the first {stream_prefix} items: s/edit median {p:.3f} vs {f:.3f} "
-                     "(ratio {r:.1f}x total), test agreement {a}, same fixed {s}".format(
-                         stream_prefix=cmp["stream_prefix"], p=cmp["patcher_seconds_per_edit_median"],
-                         f=cmp["faithful_seconds_per_edit_median"], r=cmp["speed_ratio_total"],
-                         a=cmp.get("test_prediction_agreement"), s=cmp.get("same_edits_fixed")))
+    for name, res in result["methods"].items():
+        cmp = res.get("comparison")
+        if cmp:
+            lines.append("{n} vs patcher on the first {k} items: s/edit median {p:.3f} vs {f:.3f} (ratio {r:.1f}x "
+                         "total), test agreement {a}, same fixed {s}".format(
+                             n=name, k=cmp["stream_prefix"], p=cmp["patcher_seconds_per_edit_median"],
+                             f=cmp[f"{name}_seconds_per_edit_median"], r=cmp["speed_ratio_total"],
+                             a=cmp.get("test_prediction_agreement"), s=cmp.get("same_edits_fixed")))
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""Sequential Model Editing (SME) benchmark: Transformer-Patcher (cached and reference-faithful)
-against the fine-tuning baselines, on the fact-check (MiniLM classifier) and QA (SmolLM2 generator)
+"""Sequential Model Editing (SME) benchmark: Transformer-Patcher (cached, full-forward and the
+reference procedure) against the fine-tuning baselines (FT, FT+KL, LocFT-BF), on the fact-check (MiniLM classifier) and QA (SmolLM2 generator)
 tasks; ``patcher.metrics`` computes the numbers.
 
     python -m benchmarks.sme --task fact-check --edits 20 --seed 0 --out results/fc.json --plot results/fc.png
@@ -24,11 +24,12 @@ from typing import Sequence
 
 import torch
 
-from patcher import Editor, PatcherConfig, metrics, resolve_family
+from patcher import metrics, resolve_family
 
-from benchmarks.baselines import FineTuner, FTConfig
-from benchmarks.harness import (JUDGES, METHODS, Base, Item, Judge, RunSettings, Task, agreement, run_method,
-                                unique)
+from benchmarks.harness import JUDGES, Base, Item, Judge, RunSettings, Task, agreement, run_method, unique
+from benchmarks.methods import METHODS, MethodUnavailable, check_methods, make_editor
+
+DEFAULT_METHODS = ("patcher", "faithful", "ft", "ftkl")  # the committed runs' default; others by --methods
 from benchmarks.report import plot, summary, write_json
 
 
@@ -55,7 +56,7 @@ def run_benchmark(
     task: Task,
     n_edits: int,
     seed: int = 0,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     patcher_config: dict | None = None,
     faithful_edits: int | None = 20,
     ft_config: dict | None = None,
@@ -65,12 +66,16 @@ def run_benchmark(
     series_test: int = 200,
     progress: bool = True,
     judge: str = "served",
+    reference_config: dict | None = None,
+    reference_edits: int | None = 20,
+    locft_config: dict | None = None,
 ) -> dict:
-    """Run every method on the same stream; a JSON-ready dict (see README for the fields)."""
+    """Run every method on the same stream; a JSON-ready dict (see README for the fields).
+
+    ``patcher_config`` is for ``patcher`` and ``faithful``; each other ``*_config`` for its method.
+    ``faithful_edits`` / ``reference_edits``: those methods run on the first K stream items only."""
     t_start = time.perf_counter()
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    check_methods(list(methods))
     settings = RunSettings(gr_mode=gr_mode, every=max(1, every), progress=progress, judge=Judge(judge))
     stream, stream_info = build_stream(task, seed, n_edits, settings.judge)
 
@@ -85,54 +90,27 @@ def run_benchmark(
     known = {p for p, ok in zip(all_neigh, neigh_ok) if ok}
     base = Base(train_ok, test_ok, series_idx, {k: [p for p in ps if p in known] for k, ps in neigh.items()})
 
+    options = {"patcher": patcher_config, "faithful": patcher_config, "reference": reference_config,
+               "ft": ft_config, "ftkl": ftkl_config, "locft-bf": locft_config}
+    caps = {"faithful": faithful_edits, "reference": reference_edits}
+    prefix = {m: min(caps[m] or len(stream), len(stream)) for m in methods if METHODS[m].prefix}
     memory_cache: dict = {}
-    pc = dict(patcher_config or {})
-
-    def patcher_editor(cached: bool):
-        def make(model, tok):
-            config = PatcherConfig(**{**pc, "cached": cached})
-            editor = Editor(model, tok, config)
-            t0 = time.perf_counter()
-            if "memory" not in memory_cache:  # same base, same texts: compute once, share
-                n = editor.build_memory(task.memory_texts)
-                memory_cache["memory"] = (editor.memory.clone(), editor.val_memory.clone())
-                memory_cache["info"] = {"memory_queries": n, "memory_train": int(editor.memory.shape[0]),
-                                        "memory_val": int(editor.val_memory.shape[0]),
-                                        "memory_texts": len(task.memory_texts),
-                                        "build_seconds": time.perf_counter() - t0}
-            else:
-                editor.memory, editor.val_memory = (m.clone() for m in memory_cache["memory"])
-            return editor, {"patcher": config.model_dump(), **memory_cache["info"]}
-        return make
-
-    def ft_editor(kl: bool):
-        def make(model, tok):
-            opts = dict(ftkl_config or {}) if kl else dict(ft_config or {})
-            if kl:
-                opts.setdefault("kl_weight", 1.0)
-            opts.setdefault("seed", seed)
-            config = FTConfig(**opts)
-            tuner = FineTuner(model, tok, config, kl_texts=(task.kl_texts or task.memory_texts) if kl else ())
-            return tuner, {"ft": config.to_dict(), "trained_parameters": tuner.trained_parameter_count}
-        return make
-
-    k = min(faithful_edits or len(stream), len(stream))
-    makers = {"patcher": patcher_editor(True), "faithful": patcher_editor(False),
-              "ft": ft_editor(False), "ftkl": ft_editor(True)}
     out_methods: dict = {}
     snapshots: dict = {}
     for name in methods:
-        snapshot_at = k if name == "faithful" or (name == "patcher" and "faithful" in methods) else None
-        r = run_method(name, task, stream[:k] if name == "faithful" else stream, base, makers[name], settings,
-                       snapshot_at=snapshot_at)
-        if name == "faithful":
+        k = prefix.get(name)
+        snapshot_at = {k} if k else (set(prefix.values()) if name == "patcher" else set())
+        r = run_method(name, task, stream[:k] if k else stream, base,
+                       make_editor(name, task, options[name], seed, memory_cache), settings, snapshot_at=snapshot_at)
+        if k:
             r["result"]["stream_prefix"] = k
         out_methods[name] = r["result"]
-        snapshots[name] = r["snapshot"]
+        snapshots[name] = r["snapshots"]
 
-    if "patcher" in out_methods and "faithful" in out_methods:
-        out_methods["faithful"]["comparison"] = compare(out_methods["patcher"], out_methods["faithful"],
-                                                        snapshots["patcher"], snapshots["faithful"], k)
+    for name, k in prefix.items():
+        if "patcher" in out_methods:
+            out_methods[name]["comparison"] = compare(out_methods["patcher"], out_methods[name], name,
+                                                      snapshots["patcher"].get(k), snapshots[name].get(k), k)
     return {
         "task": task.name, "kind": resolve_family(task.model).task, "seed": seed, "N": n_edits,
         "stream_length": len(stream),
@@ -145,27 +123,28 @@ def run_benchmark(
     }
 
 
-def compare(cached: dict, faithful: dict, snap_c: dict | None, snap_f: dict | None, k: int) -> dict:
-    """Cached vs reference-faithful patcher on the first ``k`` stream items."""
+def compare(cached: dict, other: dict, name: str, snap_c: dict | None, snap_o: dict | None, k: int) -> dict:
+    """The cached patcher against a slow method (``faithful``, ``reference``) on the first ``k``
+    stream items; the slow method's keys are prefixed with its name."""
     sec_c = [r["seconds"] for r in cached["edits"][:k] if "seconds" in r]
-    sec_f = [r["seconds"] for r in faithful["edits"][:k] if "seconds" in r]
+    sec_o = [r["seconds"] for r in other["edits"][:k] if "seconds" in r]
+    med_c = statistics.median(sec_c) if sec_c else float("nan")
+    med_o = statistics.median(sec_o) if sec_o else float("nan")
     out = {
-        "stream_prefix": k,
-        "patcher_edits": len(sec_c), "faithful_edits": len(sec_f),
-        "patcher_seconds_per_edit_median": statistics.median(sec_c) if sec_c else float("nan"),
-        "faithful_seconds_per_edit_median": statistics.median(sec_f) if sec_f else float("nan"),
-        "patcher_seconds_total": sum(sec_c), "faithful_seconds_total": sum(sec_f),
-        "speed_ratio_total": sum(sec_f) / sum(sec_c) if sum(sec_c) > 0 else float("nan"),
+        "stream_prefix": k, "method": name,
+        "patcher_edits": len(sec_c), f"{name}_edits": len(sec_o),
+        "patcher_seconds_per_edit_median": med_c, f"{name}_seconds_per_edit_median": med_o,
+        "patcher_seconds_total": sum(sec_c), f"{name}_seconds_total": sum(sec_o),
+        "speed_ratio_total": sum(sec_o) / sum(sec_c) if sum(sec_c) > 0 else float("nan"),
+        "speed_ratio_median": med_o / med_c if sec_c and med_c > 0 else float("nan"),
     }
-    out["speed_ratio_median"] = (out["faithful_seconds_per_edit_median"] / out["patcher_seconds_per_edit_median"]
-                                 if sec_c and out["patcher_seconds_per_edit_median"] > 0 else float("nan"))
-    if snap_c and snap_f:
-        out["test_prediction_agreement"] = agreement(snap_c["test_predictions"], snap_f["test_predictions"])
-        sc, sf = snap_c["success"], snap_f["success"]
-        out["same_items_edited"] = [x is None for x in sc] == [x is None for x in sf]
-        out["same_edits_fixed"] = sc == sf
+    if snap_c and snap_o:
+        out["test_prediction_agreement"] = agreement(snap_c["test_predictions"], snap_o["test_predictions"])
+        sc, so = snap_c["success"], snap_o["success"]
+        out["same_items_edited"] = [x is None for x in sc] == [x is None for x in so]
+        out["same_edits_fixed"] = sc == so
         out["fixed_by_patcher"] = sum(1 for x in sc if x)
-        out["fixed_by_faithful"] = sum(1 for x in sf if x)
+        out[f"fixed_by_{name}"] = sum(1 for x in so if x)
     return out
 
 
@@ -192,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=0, help="data split (and fact-check base model) seed")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated subset of {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--memory-size", type=int, default=40_000)
     ap.add_argument("--faithful-edits", type=int, default=20, help="K: faithful runs on the first K stream items")
+    ap.add_argument("--reference-edits", type=int, default=20, help="K: reference runs on the first K stream items")
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--series-test", type=int, default=200, help="test subsample for the series' TestR")
     ap.add_argument("--train-sample", type=int, default=1000, help="fact-check: train claims for TrainR")
@@ -208,10 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-opt", action="append", default=[], metavar="KEY=VALUE", help="FTConfig fields for ft")
     ap.add_argument("--ftkl-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="FTConfig fields for ftkl (kl_weight defaults to 1)")
+    ap.add_argument("--reference-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides passed to PatcherConfig.reference(task, ...) (memory_size comes from --memory-size)")
+    ap.add_argument("--locft-bf-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="FTConfig fields for locft-bf (defaults in benchmarks.methods.METHODS)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--cache-dir", type=Path, default=Path("benchmarks/cache"))
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:  # before the task loads: a bad method name costs nothing
+        check_methods(methods)
+    except (ValueError, MethodUnavailable) as exc:
+        raise SystemExit(f"error: --methods: {exc}") from None
+    for name in ("faithful_edits", "reference_edits"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -220,13 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         task = qa_task(args.cache_dir, args.data_seed, args.memory_size)
     load_s = time.perf_counter() - t0
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result = run_benchmark(
         task, args.edits, seed=args.seed, methods=methods,
         patcher_config={"memory_size": args.memory_size, **_parse_opts(args.patcher_opt)},
         faithful_edits=args.faithful_edits, ft_config=_parse_opts(args.ft_opt),
         ftkl_config=_parse_opts(args.ftkl_opt), gr_mode=args.gr_mode, every=args.every,
         series_test=args.series_test, progress=not args.no_progress, judge=args.judge,
+        reference_config={"memory_size": args.memory_size, **_parse_opts(args.reference_opt)},
+        reference_edits=args.reference_edits, locft_config=_parse_opts(args.locft_bf_opt),
     )
     result["command"] = "python -m benchmarks.sme " + " ".join(argv if argv is not None else sys.argv[1:])
     result["task_load_seconds"] = load_s

@@ -5,9 +5,10 @@
 
 Every table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; the text between is
 replaced, the prose around it is kept. NAME is ``setup`` (how each run was set up), ``runs``
-(every run, every method), ``faithful``
-(cached against full-forward patcher), ``targets`` (the issue's targets against the closest run),
-``commands`` (how each result was made) or ``series:<result file stem>`` (a run along its stream).
+(every run, every method), ``faithful`` (the cached patcher against the slow methods, full-forward
+and reference, on the same first K items), ``targets`` (the issue's targets against the closest
+run), ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its
+stream) or ``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def setup_table(results: dict[str, dict]) -> str:
     header = ["result", "task", "T", "seed", "judge", "GR paraphrases", "base mistakes / edit pool",
               "base test accuracy", "memory queries (texts)", "cores / torch threads", "wall s"]
     rows = []
-    for stem, r in results.items():
+    for stem, r in sme_results(results).items():
         memory = next((m["config"] for m in r["methods"].values() if "memory_queries" in m["config"]), None)
         mach = r.get("machine", {})
         rows.append([f"`{stem}`", r["task"], _num(r["N"]), str(r["seed"]), judge(r),
@@ -85,7 +86,7 @@ def runs_table(results: dict[str, dict]) -> str:
               "test retained (broken / fixed by accident)", "TestR, netted", "neighbour retained (n)", "neurons",
               "s/edit median", "steps median"]
     rows = []
-    for stem, r in results.items():
+    for stem, r in sme_results(results).items():
         for name, m in r["methods"].items():
             loc = m.get("test_locality")
             kept = (f"{_num(loc['retained'])} ({loc['broken']:,} / {loc['fixed_by_accident']:,})" if loc
@@ -99,15 +100,48 @@ def runs_table(results: dict[str, dict]) -> str:
 
 
 def faithful_table(results: dict[str, dict]) -> str:
-    header = ["result", "first K items", "s/edit median, cached", "s/edit median, full forward",
-              "speed-up (total time)", "test predictions agree", "same edits fixed"]
+    """The cached patcher against each slow method (full-forward ``faithful``, ``reference``) on
+    the same first K stream items."""
+    header = ["result", "method", "first K items", "s/edit median, cached patcher", "s/edit median, method",
+              "its time / cached time (total)", "test predictions agree", "same edits fixed"]
     rows = []
-    for stem, r in results.items():
-        cmp = r["methods"].get("faithful", {}).get("comparison")
-        if cmp:
-            rows.append([f"`{stem}`", str(cmp["stream_prefix"]), _num(cmp["patcher_seconds_per_edit_median"], 2),
-                         _num(cmp["faithful_seconds_per_edit_median"], 2), f"{cmp['speed_ratio_total']:.1f}×",
-                         _num(cmp.get("test_prediction_agreement")), _num(cmp.get("same_edits_fixed"))])
+    for stem, r in sme_results(results).items():
+        for name, m in r["methods"].items():
+            cmp = m.get("comparison")
+            if cmp:
+                rows.append([f"`{stem}`", name, str(cmp["stream_prefix"]),
+                             _num(cmp["patcher_seconds_per_edit_median"], 2),
+                             _num(cmp[f"{name}_seconds_per_edit_median"], 2), f"{cmp['speed_ratio_total']:.1f}×",
+                             _num(cmp.get("test_prediction_agreement")), _num(cmp.get("same_edits_fixed"))])
+    return _table(header, rows)
+
+
+def _mb(v) -> str:
+    return "—" if v is None else f"{v / 2**20:,.1f}"
+
+
+def patch_cost_table(results: dict[str, dict]) -> str:
+    """``python -m benchmarks.patch_cost`` results: latency and memory of each variant of each model."""
+    header = ["result", "model", "patches (neurons)", "device, dtype, threads", "variant", "batch 1: ms (× base)",
+              "batch 32: ms (× base)", "weights MB (of which patches)", "RSS growth MB", "CUDA peak MB",
+              "folded = unfolded predictions"]
+    rows = []
+    for stem, r in patch_cost_results(results).items():
+        for name, m in r["models"].items():
+            for variant, v in m["variants"].items():
+                lat = []
+                for b in r["batch_sizes"]:
+                    ratio = "" if variant == "base" else f" ({m['overhead'][f'{variant}_batch{b}']:.3f}×)"
+                    lat.append(f"{v[f'batch{b}']['median_ms']:.2f}{ratio}")
+                check = m["folded_vs_unfolded"]
+                agree = (f"{_num(check['predictions_equal'])} ({check['inputs']:,} inputs)"
+                         if variant == "folded" else "")
+                rows.append([f"`{stem}`", name, f"{m['patches']:,} ({m['neurons']:,})",
+                             f"{r['device']}, {r['dtype']}, {r['threads']}", variant, *lat,
+                             f"{_mb(v['parameter_bytes'] + v['buffer_bytes'])} ({_mb(v['patch_bytes'])})",
+                             _mb(v["rss_delta_bytes"]), _mb(v.get("cuda_peak_bytes")), agree])
+    if not rows:
+        rows.append(["not run yet"] + ["—"] * (len(header) - 1))
     return _table(header, rows)
 
 
@@ -177,7 +211,7 @@ def targets_table(results: dict[str, dict]) -> str:
     header = ["task", "figure", "target", "measured (patcher)", "met", "measured under other conditions"]
     rows = []
     for t in TARGETS:
-        runs = [r for r in results.values() if r["task"] == t.task and "patcher" in r["methods"]]
+        runs = [r for r in sme_results(results).values() if r["task"] == t.task and "patcher" in r["methods"]]
         if not runs:
             rows.append([t.task, t.figure, f"≥ {t.bound}", "not measured", "—", ""])
             continue
@@ -196,20 +230,30 @@ def targets_table(results: dict[str, dict]) -> str:
 
 # -------------------------------------------------------------------------------- README
 def load_results(folder: Path = RESULTS) -> dict[str, dict]:
-    """Every SME result (``python -m benchmarks.sme``: a JSON file with ``methods``) under ``folder``,
-    by file stem, in name order; other benchmarks' files there are left to their own tables."""
+    """The result files under ``folder`` that tables here render, by file stem, in name order: SME
+    runs (``python -m benchmarks.sme``: a JSON file with ``methods``) and patch-cost runs
+    (``"benchmark": "patch-cost"``); other benchmarks' files there are left to their own tables."""
     found = {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
-    return {stem: r for stem, r in found.items() if isinstance(r, dict) and "methods" in r}
+    return {stem: r for stem, r in found.items()
+            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") == "patch-cost")}
+
+
+def sme_results(results: dict[str, dict]) -> dict[str, dict]:
+    return {stem: r for stem, r in results.items() if "methods" in r}
+
+
+def patch_cost_results(results: dict[str, dict]) -> dict[str, dict]:
+    return {stem: r for stem, r in results.items() if r.get("benchmark") == "patch-cost"}
 
 
 def table(name: str, results: dict[str, dict]) -> str:
     simple = {"setup": setup_table, "runs": runs_table, "faithful": faithful_table, "targets": targets_table,
-              "commands": commands_block}
+              "commands": commands_block, "patch-cost": patch_cost_table}
     if name in simple:
         return simple[name](results)
     if name.startswith("series:"):
         stem = name.split(":", 1)[1]
-        if stem not in results:
+        if stem not in sme_results(results):
             raise TableError(f"table {name!r}: no result file {stem}.json")
         return series_table(results[stem])
     raise TableError(f"unknown table {name!r}; known: {', '.join(simple)}, series:<result file stem>")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import harness, report, sme
+from benchmarks import harness, methods, report, sme
 from benchmarks.baselines import FineTuner, FTConfig, trainable_parameters
 from patcher import EditRequest, served_correct, target_correct
 from tests import tiny
@@ -36,13 +36,17 @@ def synthetic_task() -> harness.Task:
                         neighbours=neighbours)
 
 
+RUN = ("patcher", "faithful", "ft", "ftkl", "locft-bf")  # reference: test_reference_method
+
+
 @pytest.fixture(scope="module")
 def result():
     task = synthetic_task()
-    return sme.run_benchmark(task, n_edits=3, seed=0, methods=harness.METHODS,
+    return sme.run_benchmark(task, n_edits=3, seed=0, methods=RUN,
                              patcher_config={"memory_size": 100, "max_steps": 60},
                              faithful_edits=2, ft_config={"max_steps": 5, "lr": 1e-3},
                              ftkl_config={"max_steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_batch": 4},
+                             locft_config={"max_steps": 5, "lr": 1e-3, "kl_pool": 8, "kl_batch": 4, "batch_size": 2},
                              every=2, progress=False)
 
 
@@ -55,7 +59,7 @@ def test_json_structure(result, tmp_path):
     assert data["judge"] == "served"
     assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
     assert data["stream_length"] == min(3, data["base_mistakes"]) > 0
-    assert set(data["methods"]) == set(harness.METHODS)
+    assert list(data["methods"]) == list(RUN)
     for name, res in data["methods"].items():
         assert res["edited"] + res["fixed_before_edit"] == res["stream"]
         assert len(res["edits"]) == res["stream"]
@@ -76,10 +80,15 @@ def test_json_structure(result, tmp_path):
         assert "config" in res
     assert data["methods"]["faithful"]["stream"] == 2
     cmp = data["methods"]["faithful"]["comparison"]
+    assert cmp["method"] == "faithful" and cmp["faithful_edits"] + cmp["patcher_edits"] >= 1
     assert 0.0 <= cmp["test_prediction_agreement"] <= 1.0
     assert isinstance(cmp["same_edits_fixed"], bool)
     assert data["methods"]["patcher"]["config"]["memory_queries"] > 0
     assert data["methods"]["ft"]["neurons"] == 0
+    bf = data["methods"]["locft-bf"]
+    assert bf["config"]["ft"]["breadth_first"] and bf["config"]["ft"]["layers"] == 2
+    assert bf["config"]["ft"]["batch_size"] == 2 and bf["config"]["ft"]["lr"] == 1e-3  # the options win
+    assert "comparison" not in bf and "stream_prefix" not in bf and bf["stream"] == data["stream_length"]
 
 
 def test_plot_and_summary(result, tmp_path):
@@ -124,6 +133,7 @@ def test_ft_trains_only_the_last_ffn():
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".encoder.layer.1.intermediate." in k or ".encoder.layer.1.output.dense." in k for k in changed)
     assert len(trainable_parameters(model, "layer")) > len(trainable_parameters(model, "ffn")) == 4
+    assert tuner.trained_ids == [["x"]]
 
 
 def test_jsonable_strict():

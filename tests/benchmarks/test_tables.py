@@ -20,7 +20,7 @@ def test_readme_tables_equal_what_the_committed_results_give():
 def test_readme_shows_every_committed_result():
     text = tables.README.read_text(encoding="utf-8")
     names = {m.group("name") for m in tables.BLOCK.finditer(text)}
-    assert {"setup", "runs", "faithful", "targets", "commands"} <= names
+    assert {"setup", "runs", "faithful", "targets", "commands", "patch-cost"} <= names
     assert RESULTS, "no result files under benchmarks/results"
     runs = tables.runs_table(RESULTS)
     for stem, result in RESULTS.items():
@@ -54,7 +54,22 @@ def test_unknown_tables_are_errors(tmp_path):
 def test_other_benchmarks_results_are_left_out(tmp_path):
     (tmp_path / "scale-1b.json").write_text(json.dumps({"modes": {"cached": {"ms_per_step": 2.0}}}))
     (tmp_path / "qa-T200-s0.json").write_text(json.dumps(RESULTS["qa-T200-s0"]))
-    assert list(tables.load_results(tmp_path)) == ["qa-T200-s0"]
+    (tmp_path / "patch-cost-x.json").write_text(json.dumps({"benchmark": "patch-cost", "models": {}}))
+    results = tables.load_results(tmp_path)
+    assert list(results) == ["patch-cost-x", "qa-T200-s0"]
+    assert list(tables.sme_results(results)) == ["qa-T200-s0"]  # the SME tables never see a patch-cost run
+    assert "patch-cost-x" not in tables.runs_table(results) and "patch-cost-x" not in tables.setup_table(results)
+    assert "| not run yet |" in tables.patch_cost_table(tables.sme_results(results))
+
+
+def test_slow_methods_each_get_a_comparison_row():
+    r = copy.deepcopy(RESULTS["factcheck-T1000-s0"])
+    cmp = dict(r["methods"]["faithful"]["comparison"])
+    ref = {k.replace("faithful", "reference"): v for k, v in cmp.items()}
+    r["methods"]["reference"] = {**r["methods"]["faithful"], "comparison": {**ref, "reference_seconds_per_edit_median": 99.0}}
+    rows = [line for line in tables.faithful_table({"x": r}).splitlines() if line.startswith("| `x`")]
+    assert [row.split(" | ")[1] for row in rows] == ["faithful", "reference"]
+    assert "| 99.00 |" in rows[1] and f"| {tables._num(cmp['faithful_seconds_per_edit_median'], 2)} |" in rows[0]
 
 
 def test_prose_outside_the_markers_is_kept():
