@@ -1,6 +1,13 @@
-"""The patcher's hyperparameters, one typed, validated record (unknown fields are rejected)."""
+"""The patcher's hyperparameters, one typed, validated record (unknown fields are rejected).
+
+``PatcherConfig()`` is our mode; ``PatcherConfig.reference(task)`` is the procedure of the
+Transformer-Patcher reference code (github.com/ZeroYuHuang/Transformer-Patcher). Every way in
+which the two differ is one of the fields below.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,8 +48,65 @@ class PatcherConfig(BaseModel):
     check_every: int | None = Field(None, gt=0, description="steps between the host's looks at the stopping rules "
                                     "(they are computed on the device every step, so the patch does not depend on "
                                     "this); None: 1 on CPU or in full-forward mode, 8 otherwise (ours)")
+    # ---- where our mode and the reference differ (the default is ours; see ``reference``)
+    value_init: Literal["ours", "reference"] = Field(
+        "ours", description="ours: values N(0,1)/sqrt(d) times one trainable amplifier per neuron; reference: "
+        "values N(0,1) times a trainable amplifier per element (src/models/patch.py ModifyLinearInput)")
+    loss_topk: Literal["per_neuron", "pooled"] = Field(
+        "per_neuron", description="per_neuron (ours): the activation and memory top-k are taken per neuron, the "
+        "memory margin against the clean mistake; pooled (reference): over every (memory row, batch row, neuron) "
+        "together, against each batch row (src/models/patch.py top_k_loss_func)")
+    label_smoothing_form: Literal["ours", "reference"] = Field(
+        "ours", description="generation: ours spreads label_smoothing over all classes (torch); reference puts "
+        "label_smoothing/(V-1) on each other class (src/utils.py label_smoothed_nll_loss)")
+    lr_scheduler: Literal["plateau"] | None = Field(None, description="plateau: ReduceLROnPlateau on the validation "
+                                                    "edit loss, stepped at each validation (reference)")
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="plateau scheduler factor")
+    lr_patience: int = Field(1, ge=0, description="plateau scheduler patience (validations)")
+    lr_threshold: float = Field(0.05, ge=0, description="plateau scheduler relative threshold")
+    val_every: int | None = Field(None, gt=0, description="steps between validations; None (ours): every "
+                                  "memory_refresh steps in cached mode, every step in full-forward mode")
+    val_start: int = Field(0, ge=0, description="validations at an earlier step do not count for stopping")
+    stop_rule: Literal["leak", "val_loss"] = Field(
+        "leak", description="leak (ours): leak_tol, patience, fixed_patience; val_loss (reference): once fixed, stop "
+        "when the validation-memory loss has not improved by early_threshold for early_patience validations")
+    early_patience: int = Field(1, ge=1, description="val_loss rule: validations without improvement")
+    early_threshold: float = Field(1e-3, ge=0, description="val_loss rule: an improvement is a drop by more than this")
+    memory_unit: Literal["queries", "examples"] = Field(
+        "queries", description="queries (ours): memory_size and val_memory_fraction count queries; examples "
+        "(reference): they count texts, and a seq2seq decoder's first position is not read")
+    edit_memory: Literal["ours", "reference"] = Field(
+        "ours", description="after an edit, ours adds the queries it trained on to the training memory; reference "
+        "adds the eval-mode queries of its batch (batch_size copies) to both memories")
+    keep_unfixed: bool = Field(False, description="keep the neurons (and remember the queries) of an edit that "
+                               "training did not fix (reference); ours removes them")
     max_new_tokens: int = 16
     seed: int = 0
+
+    @classmethod
+    def reference(cls, task: str, **overrides) -> "PatcherConfig":
+        """The reference procedure for ``task`` ("classification" or "generation"), ``overrides`` on top.
+
+        Values from github.com/ZeroYuHuang/Transformer-Patcher: src/utils.py (main_args,
+        patch_related_args), scripts/main.py (mlc per task), scripts/T-patch.py (Trainer),
+        src/models/class_modules.py and src/models/seq2seq_modules.py (the editors)."""
+        if task not in ("classification", "generation"):
+            raise ValueError(f"task must be 'classification' or 'generation', got {task!r}")
+        values = dict(
+            memory_size=40_000, max_steps=2000, lr=1e-2, weight_decay=0.01, grad_clip=5.0, batch_size=8,
+            amplifier=10.0, act_margin=0.0, act_topk=5, memory_topk=1000, act_loss_weight=1.0,
+            # the classifier passes margin_val1=3, margin_val2=-3; the seq2seq editor passes no margins (0, 0)
+            memory_margin=3.0 if task == "classification" else 0.0,
+            memory_loss_weight=5.0 if task == "classification" else 10.0,
+            entropy_weight=0.1, label_smoothing=0.1, max_neurons_per_edit=5,
+            train_on_equivalents=False, cached=False, value_init="reference", loss_topk="pooled",
+            label_smoothing_form="reference", lr_scheduler="plateau", lr_factor=0.5, lr_patience=1,
+            lr_threshold=0.05, val_every=25,
+            # start_val_epoch=100: its validation after epoch e sees the parameters after e + 1 updates (our step)
+            val_start=101, stop_rule="val_loss", early_patience=1, early_threshold=1e-3,
+            memory_unit="examples", edit_memory="reference", keep_unfixed=True,
+        )
+        return cls(**{**values, **overrides})
 
     def memory_weight(self, task: str) -> float:
         if self.memory_loss_weight is not None:

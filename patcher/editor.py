@@ -56,6 +56,8 @@ class EditResult:
     neurons: int = 0
     losses: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    validations: list[int] = field(default_factory=list)  # steps validated in eval mode (reference rule, scheduler)
+    lr_drops: list[int] = field(default_factory=list)  # steps at which the plateau scheduler lowered the lr
 
 
 @dataclass
@@ -188,34 +190,57 @@ class Editor:
         return variants
 
     @torch.no_grad()
-    def build_memory(self, texts: Sequence[str], batch_size: int = 32) -> int:
-        """Cache the queries of unrelated inputs (once); returns the number of memory queries."""
+    def build_memory(self, texts: Sequence[str], batch_size: int = 32, val_texts: Sequence[str] | None = None) -> int:
+        """Cache the queries of unrelated inputs (once); returns the number of memory queries.
+
+        ``val_texts``: a separate validation split whose queries, all of them, are the validation
+        memory (as the reference's); otherwise ``val_memory_fraction`` of the memory is held out.
+        ``memory_unit`` says whether ``memory_size`` and the fraction count queries or texts."""
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
         if not texts:
             raise PatchError("build_memory needs at least one non-empty text")
-        chunks = []
+        c, gen = self.config, torch.Generator(device=self.device).manual_seed(self.config.seed)
+        if c.memory_unit == "examples":  # sample and split texts, then read their queries
+            order = torch.randperm(len(texts), generator=gen, device=self.device)[: c.memory_size].tolist()
+            n_val = 0 if val_texts is not None else self._n_val(len(order))
+            self.val_memory = self._text_queries([texts[i] for i in order[:n_val]], batch_size)
+            self.memory = torch.cat([self.memory, self._text_queries([texts[i] for i in order[n_val:]], batch_size)])
+        else:
+            queries = self._text_queries(texts, batch_size)
+            if queries.shape[0] > c.memory_size:
+                queries = queries[torch.randperm(queries.shape[0], generator=gen, device=self.device)[: c.memory_size]]
+            order = torch.randperm(queries.shape[0], generator=gen, device=self.device)
+            n_val = 0 if val_texts is not None else self._n_val(queries.shape[0])
+            self.val_memory = queries[order[:n_val]].clone()
+            self.memory = torch.cat([self.memory, queries[order[n_val:]]])
+        if val_texts is not None:
+            self.val_memory = self._text_queries([t for t in val_texts if isinstance(t, str) and t.strip()], batch_size)
+        return int(self.memory.shape[0] + self.val_memory.shape[0])
+
+    def _n_val(self, n: int) -> int:
+        """How many of n memory queries (or texts) are held out as validation memory."""
+        n_val = int(round(n * self.config.val_memory_fraction))
+        return max(1, n_val) if n > 1 and self.config.val_memory_fraction > 0 else n_val
+
+    def _text_queries(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        """The queries of memory texts, in order; with ``memory_unit="examples"`` a seq2seq
+        decoder's first position (the start token) is not read, as in the reference."""
+        chunks = [self.memory.new_zeros(0, self.ffn.d_model)]
         for start in range(0, len(texts), batch_size):
             items = [self._encode(t) for t in texts[start : start + batch_size]]
-            chunks.append(self._queries(items))
-        queries = torch.cat(chunks)
-        gen = torch.Generator(device=self.device).manual_seed(self.config.seed)
-        if queries.shape[0] > self.config.memory_size:
-            queries = queries[torch.randperm(queries.shape[0], generator=gen, device=self.device)[: self.config.memory_size]]
-        order = torch.randperm(queries.shape[0], generator=gen, device=self.device)
-        n_val = int(round(queries.shape[0] * self.config.val_memory_fraction))
-        if queries.shape[0] > 1:
-            n_val = max(1, n_val) if self.config.val_memory_fraction > 0 else 0
-        self.val_memory = queries[order[:n_val]].clone()
-        self.memory = torch.cat([self.memory, queries[order[n_val:]]])
-        return int(self.memory.shape[0] + self.val_memory.shape[0])
+            if self.config.memory_unit == "examples" and self.family.seq2seq:
+                items = [Encoded(it.inputs, it.positions[1:], it.labels[1:]) for it in items if len(it.positions) > 1]
+            if items:
+                chunks.append(self._queries(items))
+        return torch.cat(chunks)
 
     @torch.no_grad()
     def remember(self, requests: Sequence[EditRequest]) -> int:
-        """Add to the memory exactly the queries that ``edit`` added for these edits (the mistake
-        and the paraphrases it trained on, captured as ``edit`` captured them), in order, so that
-        a night resumed from a saved patch set trains the same patches as one that never stopped.
+        """Add to the memories exactly the queries that ``edit`` added for these edits (as
+        ``edit_memory`` says, captured as ``edit`` captured them), in order, so that a night
+        resumed from a saved patch set trains the same patches as one that never stopped.
 
-        ``requests``: the edits whose patches the model carries (those ``edit`` fixed). Requests
+        ``requests``: the edits whose patches the model carries (those ``edit`` kept). Requests
         that fail to encode are skipped (they were checked when they were first edited)."""
         added = 0
         for request in requests:
@@ -223,9 +248,23 @@ class Editor:
                 variants = self._variants(request)
             except PatchError:
                 continue
-            self.memory = torch.cat([self.memory, self._queries(variants)])
+            self._remember_edit(variants, self._queries(variants))
             added += 1
         return added
+
+    def _remember_edit(self, variants: list[Encoded], q: torch.Tensor) -> None:
+        """Add an edit's queries ``q`` (of ``variants``, eval mode) to the memory, as ``edit_memory``
+        says. Reference: the queries of its batch, ``batch_size`` copies of the mistake, join the
+        training and the validation memory; for generators the first and last row of the flattened
+        batch are dropped (src/models/seq2seq_modules.py Editor.construct_memory, update=True)."""
+        if self.config.edit_memory == "ours":
+            self.memory = torch.cat([self.memory, q])
+            return
+        rows = q[: len(variants[0].positions)].repeat(self.config.batch_size, 1)
+        if self.task == "generation":
+            rows = rows[1:-1]
+        self.memory = torch.cat([self.memory, rows])
+        self.val_memory = torch.cat([self.val_memory, rows])
 
     # ------------------------------------------------------------------ predictions
     def predict(self, texts: Sequence[str]) -> list[str]:
@@ -266,7 +305,7 @@ class Editor:
 
         c, seed = self.config, _edit_seed(self.config.seed, request.id)
         q_edit = cap.q[positions].float()
-        params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed)
+        params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed, c.value_init)
         objective = Objective(c, self.task, self.ffn.act, self.family.gated, self.device)
         check_every = c.check_every or (1 if self.device.type == "cpu" or not c.cached else 8)
         if c.cached:
@@ -274,23 +313,28 @@ class Editor:
             step = CachedStep(self._logits_from, self.ffn.act, self.family.gated, batches, labels, positions, c.memory_refresh)
             rng = nullcontext()
         else:
-            items = [main] * (c.batch_size if self._has_dropout else 1) + variants[1:]
-            step = FullStep(self.ffn, self._forward, self.family.gated, items, main, positions, self.device)
+            # copies of the mistake differ only by dropout, but the pooled top-k counts every one
+            copies = c.batch_size if self._has_dropout or c.loss_topk == "pooled" else 1
+            step = FullStep(self.ffn, self._forward, self.family.gated, [main] * copies + variants[1:], main,
+                            positions, self.device, fixed_every_step=c.stop_rule == "leak")
             rng = self._seeded_rng(seed)  # dropout masks from the edit's own seed: a replay draws the same
         t_train = time.perf_counter()
         with rng:
-            steps, losses = train(step, params, objective, self.memory, self.val_memory, q_edit, check_every)
+            log = train(step, params, objective, self.memory, self.val_memory, q_edit, check_every)
         t_train = time.perf_counter() - t_train
 
         block = to_block(request.id, params, self.family.gated, self.dtype)
         self.ffn.add(block)
-        if not self.is_correct(request.input, request.target):
+        fixed = self.is_correct(request.input, request.target)
+        kept = fixed or c.keep_unfixed
+        if kept:
+            self._remember_edit(variants, cap.q.float())
+        else:
             self.ffn.remove(request.id)
-            return EditResult(request.id, fixed=False, steps=steps, seconds=time.perf_counter() - t0,
-                              train_seconds=t_train, losses=losses, message=f"not fixed after {steps} steps: no neuron kept")
-        self.memory = torch.cat([self.memory, cap.q.float()])
-        return EditResult(request.id, fixed=True, steps=steps, seconds=time.perf_counter() - t0,
-                          train_seconds=t_train, neurons=block.neurons, losses=losses)
+        message = "" if fixed else f"not fixed after {log.steps} steps: " + ("neurons kept" if kept else "no neuron kept")
+        return EditResult(request.id, fixed=fixed, steps=log.steps, seconds=time.perf_counter() - t0,
+                          train_seconds=t_train, neurons=block.neurons if kept else 0, losses=log.losses,
+                          message=message, validations=log.validations, lr_drops=log.lr_drops)
 
     def edit_stream(self, requests: Iterable[EditRequest], progress: bool = True) -> list[EditResult]:
         requests = list(requests)

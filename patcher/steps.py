@@ -40,18 +40,25 @@ class StepOut:
     fixed: torch.Tensor  # 0-dim bool: every target position of the mistake is right
 
 
-def init_neurons(q_edit: torch.Tensor, d_out: int, amplifier: float, gated: bool, seed: int) -> Params:
+def init_neurons(q_edit: torch.Tensor, d_out: int, amplifier: float, gated: bool, seed: int,
+                 value_init: str = "ours") -> Params:
     """fp32 masters. Keys start at q/|q|^2 (pre-activation 1 on the mistake); values are random
-    (from the edit's own seed, drawn on the model's device) times a trainable amplifier."""
+    (from the edit's own seed, drawn on the model's device) times a trainable amplifier.
+
+    ``value_init`` "ours": N(0, 1)/sqrt(d_out) times one amplifier per neuron (|v| ~ amplifier);
+    "reference": N(0, 1) times an amplifier per element, both trained, as the reference's
+    ModifyLinearInput(amplify=True) does (|v| ~ amplifier * sqrt(d_out))."""
     key = q_edit.float() / q_edit.float().pow(2).sum(-1, keepdim=True)
     n, device = key.shape[0], key.device
     gen = torch.Generator(device=device).manual_seed(seed)
     params = {
         "key": key.clone(),
         "bias": key.new_zeros(n),
-        "value": torch.randn(n, d_out, generator=gen, device=device) / math.sqrt(d_out),
-        "amp": key.new_full((n, 1), amplifier),
+        "value": torch.randn(n, d_out, generator=gen, device=device),
+        "amp": key.new_full((n, d_out) if value_init == "reference" else (n, 1), amplifier),
     }
+    if value_init != "reference":
+        params["value"] = params["value"] / math.sqrt(d_out)
     if gated:
         params["up"] = key.clone()
         params["up_bias"] = key.new_zeros(n)
@@ -106,6 +113,15 @@ class CachedStep:
         logits = self.tail((y + delta.to(y.dtype)).flatten(0, 1), resid.flatten(0, 1))
         return StepOut(logits.float(), self.labels, z[:, self.pos, self.neuron], self._fixed(params, logits))
 
+    @torch.no_grad()
+    def evaluate(self, params: Params) -> StepOut:
+        """The mistake alone, without dropout (a validation)."""
+        q, resid, y = self.clean
+        z, delta = contribution(params, q.float(), self.act, self.gated)
+        logits = self.tail(y + delta.to(y.dtype), resid)
+        return StepOut(logits.float(), self.labels[: self.n_main], z[self.pos, self.neuron][None],
+                       self._fixed(params, logits))
+
     def _fixed(self, params: Params, logits: torch.Tensor) -> torch.Tensor:
         n = self.n_main
         if self.dtype != torch.float32:  # as the model will compute it: the neurons rounded, its dtype throughout
@@ -118,13 +134,15 @@ class CachedStep:
 
 class FullStep:
     """The reference step: the neurons live in the model, which runs in full on the batch (the
-    mistake repeated with dropout on, and its paraphrases); "fixed" is checked in eval mode."""
+    mistake repeated with dropout on, and its paraphrases); "fixed" is checked in eval mode, at
+    every step when ``fixed_every_step`` (our stopping rules), otherwise only by ``evaluate``."""
 
     cached, refresh = False, 1
 
     def __init__(self, ffn: PatchedFFN, forward: Callable, gated: bool, items: list[Encoded], main: Encoded,
-                 positions: list[int], device: torch.device):
+                 positions: list[int], device: torch.device, fixed_every_step: bool = True):
         self.ffn, self.forward, self.gated, self.items, self.main = ffn, forward, gated, items, main
+        self.fixed_every_step = fixed_every_step
         self.positions = positions
         self.labels = labels_of(items, device)
         self.main_labels = labels_of([main], device)
@@ -132,10 +150,15 @@ class FullStep:
 
     def __call__(self, params: Params, step: int) -> StepOut:
         logits, z_rows = self._run(params, self.items, train=True)
-        with torch.no_grad():
-            eval_logits, _ = self._run(params, [self.main], train=False)
-        fixed = (eval_logits.argmax(-1) == self.main_labels).all()
+        fixed = self.evaluate(params).fixed if self.fixed_every_step else torch.zeros((), dtype=torch.bool,
+                                                                                       device=logits.device)
         return StepOut(logits.float(), self.labels, z_rows, fixed)
+
+    @torch.no_grad()
+    def evaluate(self, params: Params) -> StepOut:
+        """The mistake alone in eval mode (no dropout): a validation."""
+        logits, z_rows = self._run(params, [self.main], train=False)
+        return StepOut(logits.float(), self.main_labels, z_rows, (logits.argmax(-1) == self.main_labels).all())
 
     def _run(self, params: Params, items: list[Encoded], train: bool):
         names = [("key", "bias")] + ([("up", "up_bias")] if self.gated else [])

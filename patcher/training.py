@@ -2,7 +2,13 @@
 
 Losses: the edit loss (the right output), the activation loss (fire on the mistake and its
 paraphrases: ``mean(topk(exp(act_margin - z)))``) and the memory loss (stay ``memory_margin``
-below the edit, and below ``-memory_margin``, on the memory's highest rows).
+below the edit, and below ``-memory_margin``, on the memory's highest rows). ``loss_topk``
+"pooled" takes each top-k over every (memory row, batch row, neuron) at once, as the reference does.
+
+Stopping (``stop_rule``): ours stops on the leak bound or our patience rules; the reference's
+rule validates every ``val_every`` steps and stops once the edit is fixed and the
+validation-memory loss has stopped improving. An optional ReduceLROnPlateau is stepped at each
+validation on the validation edit loss.
 
 The loop never waits for the device between checks: every stopping rule is computed on the
 device at every step, and the host looks at them once every ``check_every`` steps. Parameters
@@ -14,12 +20,12 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .steps import CachedStep, FullStep, Params
+from .steps import CachedStep, FullStep, Params, StepOut
 
 
 def topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,6 +46,12 @@ class Objective:
 
     def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         c = self.config
+        if self.task == "generation" and c.label_smoothing_form == "reference":
+            # src/utils.py label_smoothed_nll_loss: eps/(V-1) on every other class, 1-eps on the target
+            lp = logits.float().log_softmax(-1)
+            eps, eps_i = c.label_smoothing, c.label_smoothing / (logits.shape[-1] - 1)
+            nll = -lp.gather(-1, labels[:, None]).squeeze(-1)
+            return ((1.0 - eps - eps_i) * nll - eps_i * lp.sum(-1)).mean()
         if self.task == "generation":
             return F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
         loss = F.cross_entropy(logits, labels)
@@ -51,7 +63,23 @@ class Objective:
 
     def act_loss(self, z_rows: torch.Tensor) -> torch.Tensor:
         """z_rows: (R, n) pre-activation of neuron i on the rows' query at its own position."""
-        return topk_mean(torch.exp(self.config.act_margin - z_rows), self.config.act_topk).mean()
+        values = torch.exp(self.config.act_margin - z_rows)
+        if self.config.loss_topk == "pooled":
+            return topk_mean(values.flatten(), self.config.act_topk)
+        return topk_mean(values, self.config.act_topk).mean()
+
+    def memory_term(self, zm: torch.Tensor, z_rows: torch.Tensor) -> torch.Tensor:
+        """The memory loss as ``loss_topk`` says: zm (k, n) memory pre-activations, z_rows (R, n)
+        the batch's on the mistake (row 0: the clean or first row, which ours compares against)."""
+        if self.config.loss_topk != "pooled":
+            return self.memory_loss(zm, z_rows[0])
+        if zm.shape[0] == 0:
+            return zm.new_zeros(())
+        m, k = self.config.memory_margin, self.config.memory_topk
+        rows = z_rows.shape[0]
+        l1 = torch.exp(zm[:, None, :] - z_rows[None] + m).flatten()  # (k * R * n)
+        l2 = torch.exp(zm + m)[:, None, :].expand(-1, rows, -1).flatten()  # each memory row once per batch row
+        return topk_mean(l1, k) + topk_mean(l2, k)
 
     def memory_loss(self, zm: torch.Tensor, z_edit: torch.Tensor) -> torch.Tensor:
         if zm.shape[0] == 0:
@@ -115,14 +143,96 @@ class _Pending:
     snapshot: Params | None  # parameters at this step (None: still the live ones)
 
 
-def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, memory: torch.Tensor,
-          val: torch.Tensor, q_edit: torch.Tensor, check_every: int) -> tuple[int, dict[str, float]]:
-    """Train ``params`` in place; returns (steps taken, the last step's losses).
+@dataclass
+class TrainLog:
+    """What ``train`` did: steps taken, the last step's losses, the steps at which the edit was
+    validated in eval mode (reference rule or scheduler) and those at which the lr was lowered."""
 
-    Stops at the first of: fixed and the leak below ``leak_tol`` (screened on the memory
-    candidates, confirmed on both memories in full); fixed and no validation-memory improvement
-    for ``patience`` steps while the neuron fires on its mistake; ``fixed_patience`` steps after
-    first fixed (the exp losses can creep down for ever); ``max_steps``."""
+    steps: int
+    losses: dict[str, float]
+    validations: list[int] = field(default_factory=list)
+    lr_drops: list[int] = field(default_factory=list)
+
+
+class _Validation:
+    """The validation-memory stopping rules and the learning-rate scheduler, every ``val_every``
+    steps (default: the memory refresh).
+
+    ``stop_rule`` "leak" (ours): see ``_leak_rule``. "val_loss" (the reference's
+    BertBinaryEditor/BartSeq2SeqEditor.joint_validation): the mistake is run in eval mode; from
+    ``val_start`` on, among the validations at which it is fixed, stop once the last
+    ``early_patience`` did not lower the validation-memory loss below the best by more than
+    ``early_threshold``. The scheduler, if any, is stepped at every validation after the first
+    update, on the eval-mode edit loss (the reference's Lightning config monitors "val_loss")."""
+
+    def __init__(self, config, objective: Objective, opt: torch.optim.Optimizer, refresh: int, device: torch.device):
+        c = self.config = config
+        self.objective, self.opt = objective, opt
+        self.every = c.val_every or refresh
+        # the reference validates on its training batch in eval mode: batch_size identical copies,
+        # which its pooled top-k counts
+        self.copies = c.batch_size if c.loss_topk == "pooled" else 1
+        self.scheduler = None if c.lr_scheduler is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=c.lr_factor, patience=c.lr_patience, threshold=c.lr_threshold)
+        self.best = torch.full((), math.inf, dtype=torch.float64, device=device)
+        self.since_best = torch.zeros((), dtype=torch.long, device=device)
+        self.fixed_for = torch.zeros((), dtype=torch.long, device=device)
+        self.never = torch.zeros((), dtype=torch.bool, device=device)
+        self.log = TrainLog(0, {})
+
+    def __call__(self, step: int, step_fn, out: StepOut, params: Params, val: torch.Tensor) -> torch.Tensor:
+        """0-dim bool: a validation rule says stop at this step."""
+        c = self.config
+        if step % self.every:
+            return self.never
+        stop = self._leak_rule(out, params, val) if c.stop_rule == "leak" else self.never
+        if step == 0 or (c.stop_rule == "leak" and self.scheduler is None):
+            return stop  # as the reference: no eval-mode validation before the first update
+        evaluated = step_fn.evaluate(params)
+        self.log.validations.append(step)
+        if c.stop_rule == "val_loss" and step >= c.val_start:
+            stop = self._val_loss_rule(evaluated, params, val)
+        if self.scheduler is not None:
+            lr = self.opt.param_groups[0]["lr"]
+            self.scheduler.step(float(self.objective.edit_loss(evaluated.logits, evaluated.labels)))
+            if self.opt.param_groups[0]["lr"] < lr:
+                self.log.lr_drops.append(step)
+        return stop
+
+    def _leak_rule(self, out: StepOut, params: Params, val: torch.Tensor) -> torch.Tensor:
+        """Ours: patience on the validation-memory loss against the training step's mistake,
+        counted while the neuron fires on it, and ``fixed_patience``."""
+        c = self.config
+        ze = out.z_rows[0].detach()
+        val_loss = self.objective.memory_loss(val @ params["key"].T + params["bias"], ze).double()
+        self.fixed_for = self.fixed_for + self.every * out.fixed.long()
+        firing = out.fixed & (ze.min().double() > c.act_margin)
+        improved = val_loss < self.best - 1e-6
+        self.best = torch.where(firing & improved, val_loss, self.best)
+        self.since_best = torch.where(firing, torch.where(improved, 0, self.since_best + self.every), self.since_best)
+        return out.fixed & ((self.since_best >= c.patience) | (self.fixed_for >= c.fixed_patience))
+
+    def _val_loss_rule(self, evaluated: StepOut, params: Params, val: torch.Tensor) -> torch.Tensor:
+        """The reference's early_stop_editing: among the validations at which the edit is fixed,
+        stop once the best is ``early_patience`` or more validations old."""
+        c = self.config
+        z_val = evaluated.z_rows.expand(self.copies, -1)
+        val_loss = self.objective.memory_term(val @ params["key"].T + params["bias"], z_val).double()
+        improved = val_loss < self.best - c.early_threshold
+        self.best = torch.where(evaluated.fixed & improved, val_loss, self.best)
+        self.since_best = torch.where(evaluated.fixed, torch.where(improved, 0, self.since_best + 1), self.since_best)
+        return evaluated.fixed & (self.since_best >= c.early_patience)
+
+
+def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, memory: torch.Tensor,
+          val: torch.Tensor, q_edit: torch.Tensor, check_every: int) -> TrainLog:
+    """Train ``params`` in place.
+
+    ``stop_rule`` "leak" (ours) stops at the first of: fixed and the leak below ``leak_tol``
+    (screened on the memory candidates, confirmed on both memories in full); fixed and no
+    validation-memory improvement for ``patience`` steps while the neuron fires on its mistake;
+    ``fixed_patience`` steps after first fixed (the exp losses can creep down for ever);
+    ``max_steps``. "val_loss" (the reference): see ``_Validation``, or ``max_steps``."""
     c = objective.config
     device = q_edit.device
     # fused on CUDA: one kernel for the update, and its step counters stay on the device (no sync)
@@ -130,15 +240,12 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
                            fused=True if device.type == "cuda" else None)
     lam = c.memory_weight(objective.task)
     refresh = step_fn.refresh
+    validation = _Validation(c, objective, opt, refresh, device)
+    leak_rule = c.stop_rule == "leak"
     candidates, val_top = memory, val
-    best_val = torch.full((), math.inf, dtype=torch.float64, device=device)
-    since_best = torch.zeros((), dtype=torch.long, device=device)
-    fixed_for = torch.zeros((), dtype=torch.long, device=device)
-    never = torch.zeros((), dtype=torch.bool, device=device)
     window: list[_Pending] = []
     for step in range(c.max_steps):
         out = step_fn(params, step)
-        z_edit = out.z_rows[0]
         if step_fn.cached and step % refresh == 0 and memory.shape[0] > c.memory_candidates:
             with torch.no_grad():  # the rows nearest to firing, and the validation rows that could leak most
                 scores = (memory @ params["key"].T + params["bias"]).max(-1).values
@@ -150,23 +257,15 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
             z_cand = candidates @ params["key"].T + params["bias"]  # (C, n)
         l_edit = objective.edit_loss(out.logits, out.labels)
         l_act = objective.act_loss(out.z_rows)
-        l_mem = objective.memory_loss(objective.top_memory_z(params, candidates, z_cand), z_edit) if memory.shape[0] else l_edit.new_zeros(())
+        l_mem = objective.memory_term(objective.top_memory_z(params, candidates, z_cand), out.z_rows) if memory.shape[0] else l_edit.new_zeros(())
         loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
 
         with torch.no_grad():
-            leak = objective.leak(params, q_edit, candidates, val_top, z_first=z_cand)
-            leak_ok = out.fixed & (leak.double() < c.leak_tol)
-            patience = never
-            if step % refresh == 0:
-                # Early stop on the validation memory, counted only while the neuron fires on its mistake.
-                ze = z_edit.detach()
-                val_loss = objective.memory_loss(val @ params["key"].T + params["bias"], ze).double()
-                fixed_for = fixed_for + refresh * out.fixed.long()
-                firing = out.fixed & (ze.min().double() > c.act_margin)
-                improved = val_loss < best_val - 1e-6
-                best_val = torch.where(firing & improved, val_loss, best_val)
-                since_best = torch.where(firing, torch.where(improved, 0, since_best + refresh), since_best)
-                patience = out.fixed & ((since_best >= c.patience) | (fixed_for >= c.fixed_patience))
+            leak_ok = validation.never
+            if leak_rule:
+                leak = objective.leak(params, q_edit, candidates, val_top, z_first=z_cand)
+                leak_ok = out.fixed & (leak.double() < c.leak_tol)
+            patience = validation(step, step_fn, out, params, val)
             last = step == c.max_steps - 1 or len(window) + 1 >= check_every
             window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val,
                                    torch.stack([l_edit, l_act, l_mem, loss]).detach(),
@@ -178,7 +277,7 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
                     with torch.no_grad():
                         for k, v in params.items():
                             v.copy_(stop.snapshot[k])
-                return stop.step + 1, _losses(stop.losses)
+                return _log(validation.log, stop.step + 1, stop.losses)
             final_losses = window[-1].losses
             window = []
         opt.zero_grad(set_to_none=True)
@@ -187,7 +286,15 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
         # the unfused Adam keeps its step counters on the CPU, but makes them on torch's default device
         with torch.device("cpu") if step == 0 else nullcontext():
             opt.step()
-    return c.max_steps, _losses(final_losses)
+    return _log(validation.log, c.max_steps, final_losses)
+
+
+def _log(log: TrainLog, steps: int, losses: torch.Tensor) -> TrainLog:
+    """The log up to the step training stopped at (a window may have run past it)."""
+    log.steps, log.losses = steps, _losses(losses)
+    log.validations = [s for s in log.validations if s < steps]
+    log.lr_drops = [s for s in log.lr_drops if s < steps]
+    return log
 
 
 def _first_stop(window: list[_Pending], params: Params, objective: Objective, memory: torch.Tensor,
