@@ -256,3 +256,22 @@ def test_reference_rules_also_run_on_the_cached_step():
     result = editor.edit(request)
     assert result.fixed and editor.is_correct(request.input, request.target)
     assert (result.steps - 1) % 25 == 0 and result.validations == list(range(25, result.steps, 25))
+
+
+@pytest.mark.parametrize("kind", ["bert", "bart"])
+def test_reference_mode_makes_no_stray_tensor(kind):
+    """Every tensor reference mode makes is on the model's device (the meta trick of test_device):
+    memory as examples, validations, the scheduler, the val_loss rule, the edit memory, replay."""
+    from tests.patcher.test_device import _DefaultDevice
+
+    model, tok = tiny.build(kind)
+    task = "classification" if kind in C.CLS_KINDS else "generation"
+    editor = Editor(model, tok, PatcherConfig.reference(task, max_steps=60, val_every=10, val_start=20))
+    request = C.wrong_request(editor)
+    with _DefaultDevice("meta"):
+        editor.build_memory(MEMORY, val_texts=VAL)
+        result = editor.edit(request)
+        assert editor.remember([request]) == 1
+    assert result.validations == list(range(10, result.steps, 10))
+    for tensor in (editor.memory, editor.val_memory):
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.float32
