@@ -4,8 +4,6 @@ Registry over HTTP: register a base and candidates, move aliases, load versions 
 
 from __future__ import annotations
 
-import os
-
 import mlflow
 import psycopg
 import pytest
@@ -20,18 +18,12 @@ from tests.tasks.registry.conftest import NAME, TEXTS, candidate, ledger_for
 @pytest.fixture
 def mlflow_on_postgres(postgres, tmp_path):
     libpq = postgres("mlflow_registry")
-    port = procs.free_port()
-    log = tmp_path / "mlflow-server.log"
-    cmd = [str(procs.BIN / "mlflow"), "server", "--backend-store-uri", sqlalchemy_url(libpq),
-           "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = procs.child_env(PATH=f"{procs.BIN}{os.pathsep}{os.environ['PATH']}")
-    server = procs.start(cmd, log, env, cwd=tmp_path)
+    server = procs.MlflowServer(tmp_path, backend_store_uri=sqlalchemy_url(libpq))
+    server.start()
     try:
-        procs.wait_http(f"http://127.0.0.1:{port}/health", server, log, timeout=240)
-        yield f"http://127.0.0.1:{port}", libpq, tmp_path / "artifacts"
+        yield server.url, libpq, tmp_path / "artifacts"
     finally:
-        procs.stop(server)
+        server.stop()
 
 
 def test_registry_over_http_with_postgresql_backend(mlflow_on_postgres, assets, tmp_path, monkeypatch):
