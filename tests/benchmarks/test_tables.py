@@ -23,9 +23,12 @@ def test_readme_shows_every_committed_result():
     assert {"setup", "runs", "faithful", "targets", "commands", "patch-cost"} <= names
     assert RESULTS, "no result files under benchmarks/results"
     runs = tables.runs_table(RESULTS)
-    for stem, result in RESULTS.items():
+    for stem, result in tables.sme_results(RESULTS).items():
         for method in result["methods"]:
             assert f"| `{stem}` | {method}" in runs
+    cost = tables.patch_cost_table(RESULTS)
+    for stem in tables.patch_cost_results(RESULTS):
+        assert f"| `{stem}` |" in cost
 
 
 def test_check_catches_a_number_typed_by_hand(tmp_path, capsys):
