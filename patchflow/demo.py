@@ -112,7 +112,8 @@ def run_demo(config_dir: Path = Path("deployments"), n_errors: int = 60, progres
     if report.gate:
         m = report.gate["metrics"]
         print(f"  gate             : SR {m['success_rate']:.3f}  ER {m['edit_retain_rate']:.3f}  "
-              f"GR {m['generalization_rate']:.3f}  TestR {m['test_r']:.4f}  "
+              f"GR {m['generalization_rate']:.3f} (held-out paraphrases)  locality {m['locality']:.4f} "
+              f"({m['holdout_broken']:.0f} broken, {m['holdout_fixed_by_accident']:.0f} fixed by accident)  "
               f"({m['seconds_per_edit_median']:.2f} s/edit median)")
     status = Registry(cfg.resolved_tracking_uri).status(cfg.name)
     print(f"  registry         : versions {[v['version'] for v in status['versions']]}, aliases {status['aliases']}")
