@@ -30,7 +30,9 @@ What is trained (``scope``, ``layers``): ``"ffn"`` (default) = the weights and b
 feed-forward blocks of the last ``layers`` layers (``layers=1``: the module Transformer-Patcher
 widens, ``patcher.families``); ``"layer"`` = every parameter of those layers. Everything else is
 frozen. The model runs in eval mode (no dropout) so that one forward pass gives both the loss
-and the "fixed yet?" check; "fixed" is the argmax definition of ``patcher.target_correct``.
+and the "fixed yet?" check; "fixed" is the argmax definition of ``patcher.target_correct``, on the
+answer followed by a stop token for decoder-only models (``train_stop``, as the patcher trains them:
+greedy generation then gives the answer and stops, which is how the harness judges it).
 
 The same interface as ``patcher.Editor`` where the harness needs it: ``edit(EditRequest)``
 returning a ``patcher.EditResult`` (``neurons`` is always 0). ``trained_ids`` records, per
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patcher import EditRequest, EditResult
-from patcher.encoding import Encoded, collate, encode, gather_positions, labels_of, pad_id
+from patcher.encoding import Encoded, choose_stop, collate, encode, gather_positions, labels_of, pad_id, stop_ids
 from patcher.families import get_path, resolve_family
 from patcher.predict import model_device
 
@@ -66,6 +68,7 @@ class FTConfig:
     kl_pool: int = 512  # memory inputs whose base distributions are kept
     breadth_first: bool = False  # True: LocFT-BF, train on every edit so far
     batch_size: int = 16  # breadth-first: edits per mini-batch
+    train_stop: bool = True  # decoder-only: the answer is followed by a stop token, as the patcher trains it
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -123,6 +126,8 @@ class FineTuner:
         for p in self.params:
             p.requires_grad_(True)
         self._rng = random.Random(self.config.seed)
+        decoder_only = self.task == "generation" and not self.family.seq2seq
+        self._stops = stop_ids(model, tokenizer) if decoder_only and self.config.train_stop else []
         self.edits: list[_Edit] = []  # breadth-first: every edit requested so far
         self.trained_ids: list[list[str]] = []  # per edit call: the edit ids trained on
         self.kl_items: list[Encoded] = []
@@ -144,8 +149,16 @@ class FineTuner:
         return sum(p.numel() for p in self.params)
 
     # ------------------------------------------------------------------ helpers
-    def _encode(self, text: str, target) -> Encoded:
-        return encode(self.model, self.tokenizer, self.family, text, target)
+    def _encode_edit(self, request: EditRequest) -> _Edit:
+        """The mistake and its equivalents; a decoder-only answer ends with the stop the model
+        ranks highest after it now (``patcher.encoding.choose_stop``, as the patcher does)."""
+        stop = self._stops[0] if self._stops else None
+        items = [encode(self.model, self.tokenizer, self.family, text, request.target, stop)
+                 for text in [request.input, *(request.equivalents or [])]]
+        if self._stops:
+            with torch.no_grad():
+                choose_stop(items, self._logits(items[:1])[len(items[0].labels) - 1], self._stops)
+        return _Edit(request.id, items)
 
     def _encode_memory(self, text: str) -> Encoded:
         enc = encode(self.model, self.tokenizer, self.family, text)
@@ -212,8 +225,7 @@ class FineTuner:
     def edit(self, request: EditRequest) -> EditResult:
         t0 = time.perf_counter()
         c = self.config
-        new = _Edit(request.id, [self._encode(request.input, request.target)]
-                    + [self._encode(eq, request.target) for eq in request.equivalents or []])
+        new = self._encode_edit(request)
         if c.breadth_first:
             self.edits.append(new)
         edits = self.edits if c.breadth_first else [new]

@@ -42,6 +42,10 @@ class PatcherConfig(BaseModel):
     patience: int = Field(50, ge=1, description="steps without validation-memory improvement once fixed")
     fixed_patience: int = Field(500, ge=1, description="at most this many steps after the edit is first fixed (ours)")
     train_on_equivalents: bool = True
+    train_stop: bool = Field(True, description="decoder-only generation: train the answer followed by a stop (EOS, "
+                             "newline or full stop, whichever the model ranks highest there) and judge the edit "
+                             "fixed as served, by greedy generation; False: the answer alone, judged teacher-forced. "
+                             "A seq2seq target ends with EOS already, as in the reference (ours)")
     cached: bool = Field(True, description="False: reference-faithful full forward at every step")
     memory_candidates: int = Field(4096, gt=0, description="cached mode: memory rows scored between refreshes")
     memory_refresh: int = Field(10, gt=0, description="cached mode: steps between full memory scans")

@@ -7,6 +7,9 @@ of unrelated inputs and of every earlier edit). ``edit`` reads top to bottom: en
 pick the wrong positions, train (``steps.CachedStep`` or ``steps.FullStep`` driven by
 ``training.train``), add the block, check it on the real model, remember its queries.
 
+Generators are edited as served: a decoder-only answer is trained followed by a stop token, and
+an edit is fixed only if greedy generation gives the answer and stops (``train_stop``).
+
 Devices and dtypes: every tensor the editor makes lives on the model's device (inputs, labels,
 memory, random generators). The memory and the neurons being trained are fp32 whatever the
 model's dtype; the kept neurons are stored and applied in the model's dtype, and an edit counts
@@ -26,11 +29,11 @@ import torch
 from torch import nn
 
 from .config import PatcherConfig
-from .encoding import Encoded, collate, encode, gather_positions, labels_of, pad_id
+from .encoding import Encoded, choose_stop, collate, encode, gather_positions, labels_of, pad_id, stop_ids
 from .errors import PatchError
 from .families import Family, get_path, resolve_family
 from .layer import PatchedFFN
-from .predict import predict, target_correct
+from .predict import predict, served_correct, target_correct
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
 from .training import Objective, train
 
@@ -99,6 +102,8 @@ class Editor:
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
         self._fingerprint: str | None = None
+        decoder_only = self.task == "generation" and not self.family.seq2seq  # trained to end with a stop:
+        self._stops = stop_ids(model, tokenizer) if decoder_only and self.config.train_stop else []
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
             isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
             for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
@@ -175,16 +180,18 @@ class Editor:
             pass
         return gather_positions(store["q"], items).float()
 
-    def _encode(self, text: str, target=None) -> Encoded:
-        return encode(self.model, self.tokenizer, self.family, text, target)
+    def _encode(self, text: str, target=None, stop: int | None = None) -> Encoded:
+        return encode(self.model, self.tokenizer, self.family, text, target, stop)
 
     def _variants(self, request: EditRequest) -> list[Encoded]:
-        """The mistake, then the paraphrases it trains on (those with as many target positions)."""
-        main = self._encode(request.input, request.target)
+        """The mistake, then the paraphrases it trains on (those with as many target positions);
+        a decoder-only answer is followed by a stop position (its label is chosen by ``edit``)."""
+        stop = self._stops[0] if self._stops else None
+        main = self._encode(request.input, request.target, stop)
         variants = [main]
         if self.config.train_on_equivalents:
             for eq in request.equivalents or []:
-                enc = self._encode(eq, request.target)
+                enc = self._encode(eq, request.target, stop)
                 if len(enc.labels) == len(main.labels):
                     variants.append(enc)
         return variants
@@ -271,8 +278,11 @@ class Editor:
         return predict(self.model, self.tokenizer, texts, max_new_tokens=self.config.max_new_tokens)
 
     def is_correct(self, text: str, target) -> bool:
-        """The model's own forward, in its dtype, gives ``target`` (the teacher-forced judge)."""
-        return target_correct(self.model, self.tokenizer, [text], [target])[0]
+        """The model, in its own dtype, gives ``target``: as served (greedy generation gives the
+        answer and stops; a classifier's argmax), or teacher-forced when ``train_stop`` is off for
+        a decoder-only model (then stopping is not what was trained)."""
+        judge = target_correct if self.task == "generation" and not self.family.seq2seq and not self._stops else served_correct
+        return judge(self.model, self.tokenizer, [text], [target])[0]
 
     # ------------------------------------------------------------------ the tail of the model
     def _logits_from(self, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
@@ -296,6 +306,8 @@ class Editor:
         variants = self._variants(request)
         main, n_pos = variants[0], len(variants[0].labels)
         cap = self.capture(variants)
+        if self._stops:
+            choose_stop(variants, cap.logits[n_pos - 1], self._stops)
         labels = labels_of([main], self.device)
         wrong = (cap.logits[:n_pos].argmax(-1).to(self.device) != labels).nonzero().flatten().tolist()
         if not wrong:
@@ -337,13 +349,8 @@ class Editor:
                           message=message, validations=log.validations, lr_drops=log.lr_drops)
 
     def edit_stream(self, requests: Iterable[EditRequest], progress: bool = True) -> list[EditResult]:
-        requests = list(requests)
-        results = []
         from tqdm.auto import tqdm
-
-        for request in tqdm(requests, desc="patching", unit="edit", disable=not progress):
-            results.append(self.edit(request))
-        return results
+        return [self.edit(r) for r in tqdm(list(requests), desc="patching", unit="edit", disable=not progress)]
 
     def _training_batches(self, cap: Captured, variants: list[Encoded], n_pos: int, seed: int):
         """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d).
@@ -370,12 +377,6 @@ class Editor:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
             yield
-
-    def leak(self, params: Params, q_edit: torch.Tensor, *memories: torch.Tensor) -> float:
-        """Largest share of a neuron's output on its mistake (``q_edit``: (n, d), one query per
-        neuron) that it can pass to any query of ``memories``; 0 when they are empty."""
-        objective = Objective(self.config, self.task, self.ffn.act, self.family.gated, self.device)
-        return float(objective.leak(params, q_edit, *memories))
 
     # ------------------------------------------------------------------ managing patches
     def remove(self, edit_id: str) -> None:

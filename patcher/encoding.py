@@ -2,7 +2,9 @@
 
 Classification reads the query at position 0 (the [CLS]/<s> token the head pools). Generation
 teacher-forces the target: position p of the (decoder) sequence predicts target token j, and that
-is where neuron j's query is read. Everything that can be wrong with an input is caught here, with
+is where neuron j's query is read. A decoder-only target can be followed by one more position whose
+label is a *stop* (EOS, newline or full stop: ``stop_ids``), so that what is trained is what a user
+is served: the answer, then the end of it (a seq2seq target ends with EOS already). Everything that can be wrong with an input is caught here, with
 a message a person can act on, before a tensor is built.
 """
 
@@ -69,8 +71,40 @@ def _check_text(text, what: str) -> str:
     return text
 
 
-def encode(model: nn.Module, tokenizer, family: Family, text: str, target=None) -> Encoded:
-    """Encode one input with its target (None: memory text, queries at every position)."""
+def eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The model's end-of-sequence token ids (its generation config's, else the tokenizer's)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else list(dict.fromkeys(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])))
+
+
+def stop_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The tokens a served answer may end with (those ``predict.served_match`` accepts), EOS
+    first: the EOS ids, then a newline and a full stop where the tokenizer has each as one token."""
+    ids = eos_ids(model, tokenizer)
+    for text in ("\n", "."):
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if toks and tokenizer.decode([toks[-1]]) == text and toks[-1] not in ids:
+            ids.append(int(toks[-1]))
+    return ids
+
+
+def choose_stop(items: list[Encoded], logits: torch.Tensor, stops: list[int]) -> int:
+    """Make the stop the model ranks highest after the answer (``logits``: that position's row)
+    the last label of every item (each was encoded with a stop), so that an answer the model
+    already ends well needs no neuron there; returns it."""
+    stop = stops[int(logits[torch.tensor(stops, device=logits.device)].argmax())]
+    for item in items:
+        item.labels[-1] = stop
+    return stop
+
+
+def encode(model: nn.Module, tokenizer, family: Family, text: str, target=None, stop: int | None = None) -> Encoded:
+    """Encode one input with its target (None: memory text, queries at every position).
+
+    ``stop``: a decoder-only target is followed by one more position labelled ``stop`` (see
+    ``choose_stop``); ignored for classifiers and seq2seq models."""
     _check_text(text, "input")
     limit = max_length(model, tokenizer)
     if family.task == "classification":
@@ -101,7 +135,8 @@ def encode(model: nn.Module, tokenizer, family: Family, text: str, target=None) 
         raise PatchError("target has no tokens")
     if len(prompt) + len(tgt) > limit:
         raise PatchError(f"input + target is {len(prompt) + len(tgt)} tokens; the model takes at most {limit}")
-    return Encoded({"input_ids": prompt + tgt}, list(range(len(prompt) - 1, len(prompt) + len(tgt) - 1)), list(tgt))
+    labels = list(tgt) + ([int(stop)] if stop is not None else [])
+    return Encoded({"input_ids": prompt + tgt}, list(range(len(prompt) - 1, len(prompt) - 1 + len(labels))), labels)
 
 
 def _decoder_inputs(model: nn.Module, labels: list[int]) -> list[int]:

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .encoding import Encoded, collate, encode, gather_positions, label_id, labels_of, max_length, pad_id
+from .encoding import Encoded, collate, encode, eos_ids, gather_positions, label_id, labels_of, max_length, pad_id
 from .errors import PatchError
 from .families import Family, resolve_family
 
@@ -125,13 +125,6 @@ def _source(item: Encoded, family: Family) -> list[int]:
     return list(item.inputs["input_ids"][: item.positions[0] + 1])
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
 @torch.no_grad()
 def _generate(model: nn.Module, tokenizer, family: Family, sources: list[list[int]], caps: list[int]) -> list[str]:
     """Greedy continuations (new text only, cut at the first EOS and at each item's cap) of one
@@ -158,7 +151,7 @@ def _generate(model: nn.Module, tokenizer, family: Family, sources: list[list[in
     finally:
         model.train(was_training)
     new = out[:, 1:] if family.seq2seq else out[:, width:]  # seq2seq output starts with the decoder start
-    eos = _eos_ids(model, tokenizer)
+    eos = set(eos_ids(model, tokenizer))
     texts = []
     for row, cap in zip(new.tolist(), caps):
         row = row[:cap]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.baselines import FineTuner, FTConfig, trainable_parameters
-from patcher import EditRequest, target_correct
+from patcher import EditRequest, served_correct, target_correct
 from tests import tiny
 
 torch.set_num_threads(1)
@@ -71,7 +71,9 @@ def test_depth_first_ft_trains_on_the_new_edit_alone():
     assert tuner.edits == []
 
 
-def test_generation_edits_are_fixed_token_by_token():
+def test_generation_edits_are_fixed_token_by_token_and_stop():
+    """A decoder-only answer is trained followed by a stop (as the patcher does), so every edit so
+    far is right as served: greedy generation gives the answer and ends there."""
     model, tok = tiny.build("llama")
     prompts, target = tiny.SENTENCES[:3], " red car"
     tuner = FineTuner(model, tok, FTConfig(**{**BF, "max_steps": 300}), kl_texts=tiny.SENTENCES[10:])
@@ -79,6 +81,7 @@ def test_generation_edits_are_fixed_token_by_token():
         result = tuner.edit(EditRequest(f"g{i}", prompt, target))
         assert result.fixed
         assert all(target_correct(model, tok, prompts[: i + 1], [target] * (i + 1)))
+        assert all(served_correct(model, tok, prompts[: i + 1], [target] * (i + 1)))
 
 
 def test_an_edit_already_right_joins_the_set_and_costs_nothing():

@@ -111,3 +111,13 @@ def test_targets_name_the_conditions_a_run_differs_in():
 def test_results_are_strict_json():
     for path in sorted(tables.RESULTS.glob("*.json")):
         json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path.name}: {c} is not JSON"))
+
+
+def test_a_served_run_is_preferred_to_a_longer_teacher_forced_one():
+    """QA's targets are set as served: a shorter served run is closer to them than a longer
+    teacher-forced one, so it is the one the table reads (and its length is named)."""
+    served = _qa_run(0, "served", "half", n=30)
+    served["methods"]["patcher"]["sr"] = 0.5
+    rows = tables.targets_table({"long": _qa_run(0, None, "half", n=200), "short": served})
+    sr = next(line for line in rows.splitlines() if line.startswith("| qa | SR |"))
+    assert "| 0.500 | no (-0.490) |" in sr and "T = 30, not 500" in sr and "teacher-forced" not in sr

@@ -74,7 +74,8 @@ def test_leak_stop_bounds_what_memory_queries_receive(kind):
     """With patience out of reach, the only early stop is the leak criterion: then no memory or
     validation query can receive more than leak_tol of what the patch gives its mistake -- checked
     here from the kept block, independently of the editor's own bookkeeping."""
-    editor = C.editor_for(kind, patience=10**6, fixed_patience=10**6, max_steps=1000)
+    # the answer alone (no stop position): the neurons here are those of the answer's tokens
+    editor = C.editor_for(kind, patience=10**6, fixed_patience=10**6, max_steps=1000, train_stop=False)
     mem, val = editor.memory.clone(), editor.val_memory.clone()
     request = C.wrong_request(editor)
     enc = editor._encode(request.input, request.target)
@@ -222,6 +223,42 @@ def test_patched_model_generates_the_target(kind):
                 out = model.generate(**prompt, max_new_tokens=len(target), do_sample=False, pad_token_id=0, **extra)
             new = out[0, 1:] if kind == "t5" else out[0, prompt["input_ids"].shape[1]:]
             assert (new.tolist()[: len(target)] == target) == ok, (request, new.tolist(), target)
+
+
+def _runs_on_case(model, tok) -> tuple[str, str]:
+    """(prompt, target): the first word greedy decoding gives is the target, and it goes on
+    with another ordinary token (teacher forcing says right, served generation says wrong)."""
+    from patcher.encoding import stop_ids
+
+    for prompt in tiny.SENTENCES + [" ".join(s.split()[:3]) for s in tiny.SENTENCES]:
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        new = out[0, ids["input_ids"].shape[1]:].tolist()
+        if len(new) == 2 and min(new) >= 4 and new[1] not in stop_ids(model, tok):
+            return prompt, " " + tok.decode([new[0]])
+    raise AssertionError("no prompt where the tiny model runs on past its first word")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_decoder_answer_is_trained_to_stop(kind):
+    """The base model gives the answer but runs on. With ``train_stop`` (the default) the edit is
+    not "already correct": one neuron, at the position after the answer, teaches it to stop, and
+    the served answer is then the target. Without it the teacher-forced judge calls it right."""
+    from patcher import served_correct, target_correct
+
+    editor = C.editor_for(kind)
+    model, tok = editor.model, editor.tokenizer
+    prompt, target = _runs_on_case(model, tok)
+    assert target_correct(model, tok, [prompt], [target]) == [True]
+    assert served_correct(model, tok, [prompt], [target]) == [False]
+    plain = Editor(C.editor_for(kind, memory=False).model, tok, C.config(train_stop=False))
+    assert plain.edit(EditRequest("s0", prompt, target)).already_correct
+
+    result = editor.edit(EditRequest("s1", prompt, target))
+    assert result.fixed and not result.already_correct and result.neurons == 1, result
+    assert served_correct(model, tok, [prompt], [target]) == [True]
+    assert served_correct(editor.folded(), tok, [prompt], [target]) == [True]
 
 
 def test_editor_predict_decodes_the_edit():

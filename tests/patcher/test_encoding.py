@@ -107,6 +107,11 @@ def test_query_positions():
     assert enc.inputs["input_ids"] == prompt + target
     assert enc.positions == [len(prompt) - 1, len(prompt)] and enc.labels == target  # position p predicts p+1
 
+    stopped = encode(gpt2, tok, family, "the capital of france is", " paris city", stop=tok.eos_token_id)
+    assert stopped.inputs == enc.inputs  # the stop is predicted after the answer, never fed in
+    assert stopped.positions == [len(prompt) - 1, len(prompt), len(prompt) + 1]
+    assert stopped.labels == target + [tok.eos_token_id]
+
     t5, tok = tiny.build("t5")
     enc = encode(t5, tok, __import__("patcher").resolve_family(t5), "the capital", " paris city")
     labels = tok(text_target=" paris city")["input_ids"]
@@ -116,3 +121,20 @@ def test_query_positions():
     bert, tok = tiny.build("bert")
     enc = encode(bert, tok, __import__("patcher").resolve_family(bert), "the cat", "L1")
     assert enc.positions == [0] and enc.labels == [1]  # the [CLS] query, one neuron
+
+
+def test_stop_ids_and_choose_stop():
+    """The stops are the tokens the served judge ends an answer at: EOS first, then a newline and a
+    full stop where the tokenizer has them as one token; the one the model ranks highest is used."""
+    from patcher.encoding import choose_stop, stop_ids
+
+    gpt2, tok = tiny.build("gpt2")
+    assert stop_ids(gpt2, tok) == [tok.eos_token_id]  # the word-level tokenizer has neither "\n" nor "."
+    gpt2.generation_config.eos_token_id = [tok.eos_token_id, 7]
+    assert stop_ids(gpt2, tok) == [tok.eos_token_id, 7]
+    family = __import__("patcher").resolve_family(gpt2)
+    items = [encode(gpt2, tok, family, text, " paris", stop=tok.eos_token_id) for text in ("the capital", "the city")]
+    logits = torch.zeros(len(tok))
+    logits[7], logits[tok.eos_token_id], logits[9] = 2.0, 1.0, 5.0  # 9 ranks higher but is no stop
+    assert choose_stop(items, logits, stop_ids(gpt2, tok)) == 7
+    assert [it.labels[-1] for it in items] == [7, 7]
