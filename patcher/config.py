@@ -25,8 +25,8 @@ class PatcherConfig(BaseModel):
     weight_decay: float = 0.01
     grad_clip: float = 5.0
     batch_size: int = Field(8, ge=1, description="the edit repeated with dropout on")
-    dropout_rounds: int = Field(0, ge=0, description="cached mode: dropout samples of the batch (paraphrases included) "
-                                "captured per edit; 0: one sample of the edit alone (ours)")
+    dropout_rounds: int = Field(8, ge=0, description="cached mode: dropout samples of the batch (paraphrases included) "
+                                "captured per edit, cycled through by the steps; 0: one sample of the edit alone (ours)")
     amplifier: float = 10.0
     act_margin: float = 0.0
     act_topk: int = 5
