@@ -7,8 +7,9 @@ Every table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; t
 replaced, the prose around it is kept. NAME is ``setup`` (how each run was set up), ``runs``
 (every run, every method), ``faithful`` (the cached patcher against the slow methods, full-forward
 and reference, on the same first K items), ``targets`` (the issue's targets against the closest
-run), ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its
-stream) or ``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``).
+run; a result file with ``"superseded_by"`` is kept for the record but never read for a target),
+``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream) or
+``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``).
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def targets_table(results: dict[str, dict]) -> str:
     header = ["task", "figure", "target", "measured (patcher)", "met", "measured under other conditions"]
     rows = []
     for t in TARGETS:
-        runs = [r for r in sme_results(results).values() if r["task"] == t.task and "patcher" in r["methods"]]
+        runs = [r for r in sme_results(results).values()
+                if r["task"] == t.task and "patcher" in r["methods"] and not r.get("superseded_by")]
         if not runs:
             rows.append([t.task, t.figure, f"≥ {t.bound}", "not measured", "—", ""])
             continue

@@ -121,3 +121,12 @@ def test_a_served_run_is_preferred_to_a_longer_teacher_forced_one():
     rows = tables.targets_table({"long": _qa_run(0, None, "half", n=200), "short": served})
     sr = next(line for line in rows.splitlines() if line.startswith("| qa | SR |"))
     assert "| 0.500 | no (-0.490) |" in sr and "T = 30, not 500" in sr and "teacher-forced" not in sr
+
+
+def test_a_superseded_run_is_never_read_for_a_target():
+    old = _qa_run(0, "served", "half", n=30)
+    old["superseded_by"] = "new"
+    new = _qa_run(0, "served", "half", n=30)
+    new["methods"]["patcher"]["sr"] = 0.5
+    sr = next(line for line in tables.targets_table({"old": old, "new": new}).splitlines() if line.startswith("| qa | SR |"))
+    assert "| 0.500 |" in sr and "seeds" not in sr
