@@ -61,6 +61,9 @@ def assert_registry_clean(registry: Registry, name: str) -> dict:
 
 def test_sigkill_mid_patching_resumes_without_applying_an_edit_twice(world: World, tmp_path: Path):
     n = 12
+    # the subject is resuming; twelve edits on the 32-wide tiny model break more of its holdout than
+    # the default gate allows, so the gate is widened here (the gate has its own tests)
+    world.config(gate={"max_drawdown": 0.3})
     logged = {r["id"] for r in world.log_errors("night1.jsonl", 0, n)}
     checkpoints = world.workdir / world.name / "checkpoints"
     log = tmp_path / "child.log"
