@@ -66,7 +66,7 @@ def test_other_benchmarks_results_are_left_out(tmp_path):
 
 
 def test_slow_methods_each_get_a_comparison_row():
-    r = copy.deepcopy(RESULTS["factcheck-T1000-s0"])
+    r = copy.deepcopy(next(r for r in RESULTS.values() if "faithful" in r.get("methods", {})))
     cmp = dict(r["methods"]["faithful"]["comparison"])
     ref = {k.replace("faithful", "reference"): v for k, v in cmp.items()}
     r["methods"]["reference"] = {**r["methods"]["faithful"], "comparison": {**ref, "reference_seconds_per_edit_median": 99.0}}
