@@ -126,8 +126,7 @@ class FineTuner:
         for p in self.params:
             p.requires_grad_(True)
         self._rng = random.Random(self.config.seed)
-        decoder_only = self.task == "generation" and not self.family.seq2seq
-        self._stops = stop_ids(model, tokenizer) if decoder_only and self.config.train_stop else []
+        self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
         self.edits: list[_Edit] = []  # breadth-first: every edit requested so far
         self.trained_ids: list[list[str]] = []  # per edit call: the edit ids trained on
         self.kl_items: list[Encoded] = []

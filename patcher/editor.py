@@ -102,8 +102,7 @@ class Editor:
         self._post_norm = get_path(self.ffn.layer, self.family.post_norm) if self.family.post_norm else None
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
         self._fingerprint: str | None = None
-        decoder_only = self.task == "generation" and not self.family.seq2seq  # trained to end with a stop:
-        self._stops = stop_ids(model, tokenizer) if decoder_only and self.config.train_stop else []
+        self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
         self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
             isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
             for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))

@@ -2,10 +2,11 @@
 
 Classification reads the query at position 0 (the [CLS]/<s> token the head pools). Generation
 teacher-forces the target: position p of the (decoder) sequence predicts target token j, and that
-is where neuron j's query is read. A decoder-only target can be followed by one more position whose
-label is a *stop* (EOS, newline or full stop: ``stop_ids``), so that what is trained is what a user
-is served: the answer, then the end of it (a seq2seq target ends with EOS already). Everything that can be wrong with an input is caught here, with
-a message a person can act on, before a tensor is built.
+is where neuron j's query is read. A decoder-only target can be followed by one more position
+whose label is a *stop* (EOS, newline or full stop: ``stop_ids``), so that what is trained is what
+a user is served: the answer, then the end of it (a seq2seq target ends with EOS already).
+Everything that can be wrong with an input is caught here, with a message a person can act on,
+before a tensor is built.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def eos_ids(model: nn.Module, tokenizer) -> list[int]:
     return [] if eos is None else list(dict.fromkeys(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])))
 
 
-def stop_ids(model: nn.Module, tokenizer) -> list[int]:
-    """The tokens a served answer may end with (those ``predict.served_match`` accepts), EOS
-    first: the EOS ids, then a newline and a full stop where the tokenizer has each as one token."""
+def stop_ids(model: nn.Module, tokenizer, family: Family) -> list[int]:
+    """The tokens a decoder-only answer may end with (those ``predict.served_match`` accepts), EOS
+    first: the EOS ids, then a newline and a full stop where the tokenizer has each as one token.
+    None for classifiers and seq2seq models (a seq2seq target ends with EOS already)."""
+    if family.task != "generation" or family.seq2seq:
+        return []
     ids = eos_ids(model, tokenizer)
     for text in ("\n", "."):
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]

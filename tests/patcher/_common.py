@@ -33,6 +33,17 @@ GEN_PAIRS = [
 ]
 
 
+PROMPTS = tiny.SENTENCES + [" ".join(s.split()[:3]) for s in tiny.SENTENCES]
+
+
+@torch.no_grad()
+def greedy_ids(model, tok, prompt: str, n: int) -> list[int]:
+    """Reference: plain HF greedy generation of one unpadded prompt, new token ids only."""
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False, num_beams=1, pad_token_id=0)
+    return out[0, 1:].tolist() if model.config.is_encoder_decoder else out[0, ids["input_ids"].shape[1]:].tolist()
+
+
 def config(**overrides) -> PatcherConfig:
     return PatcherConfig(**{**CONFIG, **overrides})
 

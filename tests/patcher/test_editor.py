@@ -228,14 +228,12 @@ def test_patched_model_generates_the_target(kind):
 def _runs_on_case(model, tok) -> tuple[str, str]:
     """(prompt, target): the first word greedy decoding gives is the target, and it goes on
     with another ordinary token (teacher forcing says right, served generation says wrong)."""
+    from patcher import resolve_family
     from patcher.encoding import stop_ids
 
-    for prompt in tiny.SENTENCES + [" ".join(s.split()[:3]) for s in tiny.SENTENCES]:
-        ids = tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
-        if len(new) == 2 and min(new) >= 4 and new[1] not in stop_ids(model, tok):
+    for prompt in C.PROMPTS:
+        new = C.greedy_ids(model, tok, prompt, 2)
+        if len(new) == 2 and min(new) >= 4 and new[1] not in stop_ids(model, tok, resolve_family(model)):
             return prompt, " " + tok.decode([new[0]])
     raise AssertionError("no prompt where the tiny model runs on past its first word")
 

@@ -129,12 +129,12 @@ def test_stop_ids_and_choose_stop():
     from patcher.encoding import choose_stop, stop_ids
 
     gpt2, tok = tiny.build("gpt2")
-    assert stop_ids(gpt2, tok) == [tok.eos_token_id]  # the word-level tokenizer has neither "\n" nor "."
-    gpt2.generation_config.eos_token_id = [tok.eos_token_id, 7]
-    assert stop_ids(gpt2, tok) == [tok.eos_token_id, 7]
     family = __import__("patcher").resolve_family(gpt2)
+    assert stop_ids(gpt2, tok, family) == [tok.eos_token_id]  # the word-level tokenizer has neither "\n" nor "."
+    gpt2.generation_config.eos_token_id = [tok.eos_token_id, 7]
+    assert stop_ids(gpt2, tok, family) == [tok.eos_token_id, 7]
     items = [encode(gpt2, tok, family, text, " paris", stop=tok.eos_token_id) for text in ("the capital", "the city")]
     logits = torch.zeros(len(tok))
     logits[7], logits[tok.eos_token_id], logits[9] = 2.0, 1.0, 5.0  # 9 ranks higher but is no stop
-    assert choose_stop(items, logits, stop_ids(gpt2, tok)) == 7
+    assert choose_stop(items, logits, stop_ids(gpt2, tok, family)) == 7
     assert [it.labels[-1] for it in items] == [7, 7]

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DECODER_ONLY = ["gpt2", "llama"]
 TEMPLATES = {"gpt2": "$A", "llama": "<s> $A", "bart": "<s> $A </s>", "t5": "$A </s>", "t5-gated": "$A </s>"}
-PROMPTS = tiny.SENTENCES + [" ".join(s.split()[:3]) for s in tiny.SENTENCES]
+PROMPTS, _greedy_ids = C.PROMPTS, C.greedy_ids
 
 
 # ---------------------------------------------------------------------------- the served reading
@@ -65,14 +65,6 @@ def _tokenizer(kind: str, relabel: dict[int, str]) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=special)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", model_max_length=64)
-
-
-@torch.no_grad()
-def _greedy_ids(model, tok, prompt: str, n: int) -> list[int]:
-    """Reference: plain HF greedy generation of one unpadded prompt, new token ids only."""
-    ids = tok(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=n, do_sample=False, num_beams=1, pad_token_id=0)
-    return out[0, 1:].tolist() if model.config.is_encoder_decoder else out[0, ids["input_ids"].shape[1]:].tolist()
 
 
 def _two_word_cases(model, tok):
