@@ -230,15 +230,19 @@ class Editor:
 
     def _text_queries(self, texts: list[str], batch_size: int) -> torch.Tensor:
         """The queries of memory texts, in order; with ``memory_unit="examples"`` a seq2seq
-        decoder's first position (the start token) is not read, as in the reference."""
-        chunks = [self.memory.new_zeros(0, self.ffn.d_model)]
-        for start in range(0, len(texts), batch_size):
-            items = [self._encode(t) for t in texts[start : start + batch_size]]
-            if self.config.memory_unit == "examples" and self.family.seq2seq:
-                items = [Encoded(it.inputs, it.positions[1:], it.labels[1:]) for it in items if len(it.positions) > 1]
-            if items:
-                chunks.append(self._queries(items))
-        return torch.cat(chunks)
+        decoder's first position (the start token) is not read, as in the reference. Texts are
+        batched by length (little padding), and their queries put back in order."""
+        items = [self._encode(t) for t in texts]
+        if self.config.memory_unit == "examples" and self.family.seq2seq:
+            items = [Encoded(it.inputs, it.positions[1:], it.labels[1:]) for it in items if len(it.positions) > 1]
+        order = sorted(range(len(items)), key=lambda i: tuple(len(v) for v in items[i].inputs.values()))
+        rows: list[torch.Tensor | None] = [None] * len(items)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            queries = self._queries([items[i] for i in batch]).split([len(items[i].positions) for i in batch])
+            for i, q in zip(batch, queries):
+                rows[i] = q
+        return torch.cat([self.memory.new_zeros(0, self.ffn.d_model), *rows])
 
     @torch.no_grad()
     def remember(self, requests: Sequence[EditRequest]) -> int:
@@ -365,9 +369,13 @@ class Editor:
             # 0 rounds: one dropout sample of the edit alone (the behaviour before dropout_rounds)
             noisy = [variants[0]] * (c.batch_size - 1) + (variants[1:] if c.dropout_rounds > 0 else [])
             if noisy:
+                n_rounds, per_pass = max(1, c.dropout_rounds), max(1, 64 // len(noisy))  # a few forward passes
                 with self._seeded_rng(seed):
-                    drops = [self.capture(noisy, train=True) for _ in range(max(1, c.dropout_rounds))]
-                rounds = [tuple(torch.cat([a, b]) for a, b in zip(clean, (d.q, d.resid, d.y))) for d in drops]
+                    drops = [self.capture(noisy * min(per_pass, n_rounds - i), train=True)
+                             for i in range(0, n_rounds, per_pass)]
+                rows = len(noisy) * n_pos
+                noise = [torch.cat(t).split(rows) for t in zip(*((d.q, d.resid, d.y) for d in drops))]
+                rounds = [tuple(torch.cat([a, b[r]]) for a, b in zip(clean, noise)) for r in range(n_rounds)]
         return [tuple(t.view(-1, n_pos, t.shape[-1]) for t in r) for r in rounds]
 
     @contextmanager

@@ -19,7 +19,6 @@ when checking every step: the patch does not depend on ``check_every``, only the
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -87,16 +86,23 @@ class Objective:
         m, k = self.config.memory_margin, self.config.memory_topk
         return topk_mean(torch.exp(zm - z_edit + m), k).mean() + topk_mean(torch.exp(zm + m), k).mean()
 
-    def top_memory_z(self, params: Params, candidates: torch.Tensor, z_candidates: torch.Tensor) -> torch.Tensor:
-        """(k, n) pre-activations of each neuron's top-k memory rows, with gradient.
+    def memory_z(self, params: Params, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zm, z): zm (k, n), with gradient, the pre-activations of each neuron's top-k memory
+        rows (both memory terms increase with z, so only they enter the loss); z (C, n), without
+        gradient, every candidate's (the leak screen reads it).
 
-        Both memory terms increase with z, so only each neuron's k highest rows enter the loss:
-        they are picked from ``z_candidates`` (computed without gradient) and only they are
-        recomputed with it."""
-        k = min(self.config.memory_topk, candidates.shape[0])
-        idx = z_candidates.topk(k, dim=0).indices  # (k, n)
+        With no more candidates than k, every candidate is a top-k row: one matmul scores them
+        all, with gradient. Otherwise the rows are picked from scores computed without gradient,
+        and only they are recomputed with it."""
+        k = self.config.memory_topk
+        if candidates.shape[0] <= k:
+            zm = candidates @ params["key"].T + params["bias"]
+            return zm, zm.detach()
+        with torch.no_grad():
+            z = candidates @ params["key"].T + params["bias"]
+        idx = z.topk(k, dim=0).indices  # (k, n)
         rows = candidates.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (k, n, d)
-        return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"]
+        return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"], z
 
     def envelope(self, z: torch.Tensor) -> torch.Tensor:
         """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
@@ -235,29 +241,29 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
     ``max_steps``. "val_loss" (the reference): see ``_Validation``, or ``max_steps``."""
     c = objective.config
     device = q_edit.device
-    # fused on CUDA: one kernel for the update, and its step counters stay on the device (no sync)
+    # fused: one kernel for the update (CPU and CUDA), its step counters on the parameters' device (no sync)
     opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay,
-                           fused=True if device.type == "cuda" else None)
+                           fused=True)
     lam = c.memory_weight(objective.task)
     refresh = step_fn.refresh
+    n_candidates = c.memory_candidates or c.memory_topk
     validation = _Validation(c, objective, opt, refresh, device)
     leak_rule = c.stop_rule == "leak"
     candidates, val_top = memory, val
     window: list[_Pending] = []
     for step in range(c.max_steps):
         out = step_fn(params, step)
-        if step_fn.cached and step % refresh == 0 and memory.shape[0] > c.memory_candidates:
+        if step_fn.cached and step % refresh == 0 and memory.shape[0] > n_candidates:
             with torch.no_grad():  # the rows nearest to firing, and the validation rows that could leak most
                 scores = (memory @ params["key"].T + params["bias"]).max(-1).values
-                candidates = memory.index_select(0, scores.topk(c.memory_candidates).indices)
+                candidates = memory.index_select(0, scores.topk(n_candidates).indices)
                 if val.shape[0]:
                     gain = objective.gain(params, val).max(-1).values
                     val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
-        with torch.no_grad():
-            z_cand = candidates @ params["key"].T + params["bias"]  # (C, n)
+        zm, z_cand = objective.memory_z(params, candidates)  # (k, n) with gradient, (C, n) without
         l_edit = objective.edit_loss(out.logits, out.labels)
         l_act = objective.act_loss(out.z_rows)
-        l_mem = objective.memory_term(objective.top_memory_z(params, candidates, z_cand), out.z_rows) if memory.shape[0] else l_edit.new_zeros(())
+        l_mem = objective.memory_term(zm, out.z_rows) if memory.shape[0] else l_edit.new_zeros(())
         loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
 
         with torch.no_grad():
@@ -283,9 +289,7 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
-        # the unfused Adam keeps its step counters on the CPU, but makes them on torch's default device
-        with torch.device("cpu") if step == 0 else nullcontext():
-            opt.step()
+        opt.step()
     return _log(validation.log, c.max_steps, final_losses)
 
 

@@ -138,3 +138,16 @@ def test_stop_ids_and_choose_stop():
     logits[7], logits[tok.eos_token_id], logits[9] = 2.0, 1.0, 5.0  # 9 ranks higher but is no stop
     assert choose_stop(items, logits, stop_ids(gpt2, tok, family)) == 7
     assert [it.labels[-1] for it in items] == [7, 7]
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "t5"])
+def test_memory_queries_are_in_text_order_whatever_the_batching(kind):
+    """Memory texts are batched by length; their queries come back in the texts' order, equal to
+    one text at a time."""
+    model, tok = tiny.build(kind)
+    editor = Editor(model, tok, C.config())
+    texts = [tiny.SENTENCES[0], "a b", tiny.SENTENCES[3] + " " + tiny.SENTENCES[4], "the cat", tiny.SENTENCES[2]]
+    one_by_one = torch.cat([editor._text_queries([t], batch_size=1) for t in texts])
+    batched = editor._text_queries(texts, batch_size=3)
+    assert batched.shape == one_by_one.shape
+    assert torch.allclose(batched, one_by_one, atol=1e-5)

@@ -112,3 +112,55 @@ def test_full_forward_dropout_masks_come_from_the_edit_seed():
 
     assert run(1) == run(2)
     assert run(1)[1] != run(1, seed=5)[1], "test premise: dropout changes the losses"
+
+
+def test_memory_z_scores_the_top_rows_with_or_without_a_preselection():
+    """A neuron's top-k memory rows enter the loss: picked among more candidates at every step, or,
+    when the candidates are no more than k (the default: the top rows of the last full scan), all
+    of them in one product. Same rows, same loss, same gradient either way."""
+    from patcher import PatcherConfig
+    from patcher.training import Objective
+
+    g = torch.Generator().manual_seed(0)
+    candidates, key = torch.randn(40, 16, generator=g), torch.randn(1, 16, generator=g)
+    objective = Objective(PatcherConfig(memory_topk=10), "classification", torch.nn.GELU(), False, torch.device("cpu"))
+
+    def loss_and_grad(rows: torch.Tensor):
+        params = {"key": key.clone().requires_grad_(True), "bias": torch.zeros(1, requires_grad=True)}
+        zm, z = objective.memory_z(params, rows)
+        assert zm.shape == (10, 1) and not z.requires_grad and torch.allclose(z, rows @ key.T)
+        loss = objective.memory_loss(zm, torch.ones(1))
+        loss.backward()
+        return zm.detach().sort(0).values, loss.detach(), params["key"].grad, params["bias"].grad
+
+    picked = loss_and_grad(candidates)
+    all_top = loss_and_grad(candidates[(candidates @ key.T).topk(10, dim=0).indices.flatten()])
+    for a, b in zip(picked, all_top):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert picked[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("batch_size", [3, 40])
+def test_dropout_rounds_are_fresh_samples_from_the_edit_seed(batch_size):
+    """Cached mode with dropout: ``dropout_rounds`` batches, each the clean mistake and paraphrase
+    then a fresh dropout sample of the reference's batch; captured in one forward pass (3) or one
+    per round when a round alone fills one (40); the same again from the same seed."""
+    model, tok = tiny.build("bert")
+    model.bert.encoder.layer[0].output.dropout.p = 0.3  # before the last FFN's input
+    editor = Editor(model, tok, C.config(batch_size=batch_size, dropout_rounds=3))
+    text = C.CLS_TEXTS[0]
+    variants = editor._variants(EditRequest("e", text, "L1", [text + " today"]))
+    cap = editor.capture(variants)
+
+    rounds = editor._training_batches(cap, variants, 1, seed=7)
+    assert len(rounds) == 3
+    rows = 2 + (batch_size - 1) + 1  # clean mistake and paraphrase, then the noisy batch
+    for q, resid, y in rounds:
+        assert q.shape == resid.shape == y.shape == (rows, 1, editor.ffn.d_model)
+        assert torch.equal(q[:2], rounds[0][0][:2])  # the clean rows are the same in every round
+        assert torch.equal(q[:2, 0], cap.q)
+    noisy = [q[2:, 0] for q, _, _ in rounds]
+    assert not torch.allclose(noisy[0], noisy[1]) and not torch.allclose(noisy[1], noisy[2])
+    assert not torch.allclose(noisy[0][0], noisy[0][1])  # copies of the mistake differ by their masks
+    again = editor._training_batches(cap, variants, 1, seed=7)
+    assert all(torch.equal(a, b) for r, s in zip(rounds, again) for a, b in zip(r, s))
