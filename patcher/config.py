@@ -47,9 +47,9 @@ class PatcherConfig(BaseModel):
                              "fixed as served, by greedy generation; False: the answer alone, judged teacher-forced. "
                              "A seq2seq target ends with EOS already, as in the reference (ours)")
     cached: bool = Field(True, description="False: reference-faithful full forward at every step")
-    memory_candidates: int | None = Field(None, gt=0, description="cached mode: the memory rows (the highest at the "
-                                          "last full scan) scored at each step; None: memory_topk, the rows the memory "
-                                          "loss reads (ours)")
+    memory_candidates: int | None = Field(None, gt=0, description="cached mode: per neuron, its highest memory rows at "
+                                          "the last full scan, scored at each step (the union over the neurons); None: "
+                                          "memory_topk, the rows the memory loss reads (ours)")
     memory_refresh: int = Field(10, gt=0, description="cached mode: steps between full memory scans")
     check_every: int | None = Field(None, gt=0, description="steps between the host's looks at the stopping rules "
                                     "(they are computed on the device every step, so the patch does not depend on "

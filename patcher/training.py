@@ -86,6 +86,13 @@ class Objective:
         m, k = self.config.memory_margin, self.config.memory_topk
         return topk_mean(torch.exp(zm - z_edit + m), k).mean() + topk_mean(torch.exp(zm + m), k).mean()
 
+    @staticmethod
+    def candidates(params: Params, memory: torch.Tensor, n: int) -> torch.Tensor:
+        """Each neuron's n memory rows highest in z, the union over the neurons: every neuron's own
+        worst rows, even where another neuron's z is higher everywhere."""
+        top = (memory @ params["key"].T + params["bias"]).topk(min(n, memory.shape[0]), dim=0).indices  # (n, neurons)
+        return memory.index_select(0, top[:, 0] if top.shape[1] == 1 else top.flatten().unique())
+
     def memory_z(self, params: Params, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(zm, z): zm (k, n), with gradient, the pre-activations of each neuron's top-k memory
         rows (both memory terms increase with z, so only they enter the loss); z (C, n), without
@@ -254,9 +261,8 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
     for step in range(c.max_steps):
         out = step_fn(params, step)
         if step_fn.cached and step % refresh == 0 and memory.shape[0] > n_candidates:
-            with torch.no_grad():  # the rows nearest to firing, and the validation rows that could leak most
-                scores = (memory @ params["key"].T + params["bias"]).max(-1).values
-                candidates = memory.index_select(0, scores.topk(n_candidates).indices)
+            with torch.no_grad():  # each neuron's rows nearest to firing, and the validation rows that could leak most
+                candidates = objective.candidates(params, memory, n_candidates)
                 if val.shape[0]:
                     gain = objective.gain(params, val).max(-1).values
                     val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)

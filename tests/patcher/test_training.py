@@ -164,3 +164,22 @@ def test_dropout_rounds_are_fresh_samples_from_the_edit_seed(batch_size):
     assert not torch.allclose(noisy[0][0], noisy[0][1])  # copies of the mistake differ by their masks
     again = editor._training_batches(cap, variants, 1, seed=7)
     assert all(torch.equal(a, b) for r, s in zip(rounds, again) for a, b in zip(r, s))
+
+
+def test_candidates_hold_every_neurons_own_top_rows():
+    """Memory candidates are picked per neuron: a neuron whose z is below another's on every row
+    still finds its own highest rows among them (a max over the neurons would leave them out)."""
+    from patcher.training import Objective
+
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(200, 8, generator=g)
+    params = {"key": torch.randn(2, 8, generator=g), "bias": torch.tensor([100.0, -100.0])}
+    candidates = Objective.candidates(params, memory, 10)
+    assert candidates.shape[0] > 10
+    rows = {tuple(r.tolist()) for r in candidates}
+    for neuron in range(2):
+        z = memory @ params["key"][neuron] + params["bias"][neuron]
+        assert {tuple(memory[i].tolist()) for i in z.topk(10).indices} <= rows
+    one = {"key": params["key"][:1], "bias": params["bias"][:1]}  # one neuron: its top rows, in order
+    z = memory @ one["key"][0]
+    assert torch.equal(Objective.candidates(one, memory, 10), memory[z.topk(10).indices])
