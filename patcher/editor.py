@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .config import PatcherConfig
-from .encoding import Encoded, choose_stop, collate, encode, gather_positions, labels_of, pad_id, stop_ids
+from .encoding import Encoded, by_length, choose_stop, collate, encode, gather_positions, labels_of, pad_id, stop_ids
 from .errors import PatchError
-from .families import Family, get_path, resolve_family
+from .families import Family, get_path, has_dropout, resolve_family
 from .layer import PatchedFFN
 from .predict import predict, served_correct, target_correct
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
@@ -85,8 +85,7 @@ class Editor:
     """Edits a Hugging Face model in place, one mistake at a time."""
 
     def __init__(self, model: nn.Module, tokenizer, config: PatcherConfig | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.config = config or PatcherConfig()
         self.family: Family = resolve_family(model)
         self.task = self.family.task
@@ -103,9 +102,7 @@ class Editor:
         self._final_norm = get_path(model, self.family.final_norm) if self.family.final_norm else None
         self._fingerprint: str | None = None
         self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
-        self._has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
-            isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
-            for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
+        self._has_dropout = has_dropout(model)
 
     # ------------------------------------------------------------------ queries and memory
     @property
@@ -235,10 +232,8 @@ class Editor:
         items = [self._encode(t) for t in texts]
         if self.config.memory_unit == "examples" and self.family.seq2seq:
             items = [Encoded(it.inputs, it.positions[1:], it.labels[1:]) for it in items if len(it.positions) > 1]
-        order = sorted(range(len(items)), key=lambda i: tuple(len(v) for v in items[i].inputs.values()))
         rows: list[torch.Tensor | None] = [None] * len(items)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for batch in by_length(items, batch_size):
             queries = self._queries([items[i] for i in batch]).split([len(items[i].positions) for i in batch])
             for i, q in zip(batch, queries):
                 rows[i] = q
@@ -371,10 +366,8 @@ class Editor:
             if noisy:
                 n_rounds, per_pass = max(1, c.dropout_rounds), max(1, 64 // len(noisy))  # a few forward passes
                 with self._seeded_rng(seed):
-                    drops = [self.capture(noisy * min(per_pass, n_rounds - i), train=True)
-                             for i in range(0, n_rounds, per_pass)]
-                rows = len(noisy) * n_pos
-                noise = [torch.cat(t).split(rows) for t in zip(*((d.q, d.resid, d.y) for d in drops))]
+                    drops = [self.capture(noisy * min(per_pass, n_rounds - i), train=True) for i in range(0, n_rounds, per_pass)]
+                noise = [torch.cat(t).split(len(noisy) * n_pos) for t in zip(*((d.q, d.resid, d.y) for d in drops))]
                 rounds = [tuple(torch.cat([a, b[r]]) for a, b in zip(clean, noise)) for r in range(n_rounds)]
         return [tuple(t.view(-1, n_pos, t.shape[-1]) for t in r) for r in rounds]
 

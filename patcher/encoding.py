@@ -153,6 +153,12 @@ def _decoder_inputs(model: nn.Module, labels: list[int]) -> list[int]:
     return [int(start)] + list(labels[:-1])
 
 
+def by_length(items: list[Encoded], batch_size: int) -> list[list[int]]:
+    """The items' indices in batches of similar length (little padding)."""
+    order = sorted(range(len(items)), key=lambda i: tuple(len(v) for v in items[i].inputs.values()))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def collate(items: list[Encoded], pad: int, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Right-pad a batch onto ``device`` (the model's); every query position stays where it was."""
     batch: dict[str, torch.Tensor] = {}

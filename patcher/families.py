@@ -210,6 +210,13 @@ def resolve_family(model: nn.Module) -> Family:
     return family
 
 
+def has_dropout(model: nn.Module) -> bool:
+    """Whether training-mode forward passes are random: a dropout module or a dropout rate in the config."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or any(
+        isinstance(getattr(model.config, k, 0), float) and getattr(model.config, k) > 0
+        for k in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop", "dropout_rate", "dropout"))
+
+
 def get_path(root: nn.Module, path: str):
     """Follow a dotted path with integer (also negative) indices into module lists."""
     obj = root
