@@ -73,9 +73,14 @@ def rounded(params: Params, dtype: torch.dtype) -> Params:
     return out
 
 
+def preactivation(params: Params, q: torch.Tensor) -> torch.Tensor:
+    """(..., n): each new neuron's pre-activation z = key . q + bias for queries q (..., d)."""
+    return q @ params["key"].T + params["bias"]
+
+
 def contribution(params: Params, q: torch.Tensor, act: nn.Module, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(pre-activations z, added FFN output) of the new neurons for queries q (..., d)."""
-    z = q @ params["key"].T + params["bias"]
+    z = preactivation(params, q)
     a = act(z)
     if gated:
         a = a * (q @ params["up"].T + params["up_bias"])
@@ -168,5 +173,5 @@ class FullStep:
         finally:
             self.ffn.set_live(None)
         q = gather_positions(store["q"], items).view(len(items), -1, self.ffn.d_model).float()
-        z = q[:, self.positions] @ params["key"].T + params["bias"]  # (R, n, n)
+        z = preactivation(params, q[:, self.positions])  # (R, n, n)
         return logits, z[:, self.neuron, self.neuron]

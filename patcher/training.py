@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .steps import CachedStep, FullStep, Params, StepOut
+from .steps import CachedStep, FullStep, Params, StepOut, preactivation
 
 
 def topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ class Objective:
     def candidates(params: Params, memory: torch.Tensor, n: int) -> torch.Tensor:
         """Each neuron's n memory rows highest in z, the union over the neurons: every neuron's own
         worst rows, even where another neuron's z is higher everywhere."""
-        top = (memory @ params["key"].T + params["bias"]).topk(min(n, memory.shape[0]), dim=0).indices  # (n, neurons)
+        top = preactivation(params, memory).topk(min(n, memory.shape[0]), dim=0).indices  # (n, neurons)
         return memory.index_select(0, top[:, 0] if top.shape[1] == 1 else top.flatten().unique())
 
     def memory_z(self, params: Params, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +103,10 @@ class Objective:
         and only they are recomputed with it."""
         k = self.config.memory_topk
         if candidates.shape[0] <= k:
-            zm = candidates @ params["key"].T + params["bias"]
+            zm = preactivation(params, candidates)
             return zm, zm.detach()
         with torch.no_grad():
-            z = candidates @ params["key"].T + params["bias"]
+            z = preactivation(params, candidates)
         idx = z.topk(k, dim=0).indices  # (k, n)
         rows = candidates.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (k, n, d)
         return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"], z
@@ -119,7 +119,7 @@ class Objective:
     def gain(self, params: Params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n): the most each neuron can pass to each query (up to the value vector): the
         activation's envelope at its pre-activation, times |up . q| for gated FFNs."""
-        gain = self.envelope(queries @ params["key"].T + params["bias"] if z is None else z)
+        gain = self.envelope(preactivation(params, queries) if z is None else z)
         if self.gated:
             gain = gain * (queries @ params["up"].T + params["up_bias"]).abs()
         return gain
@@ -132,7 +132,7 @@ class Objective:
         for i, m in enumerate(memories):
             if not m.shape[0]:
                 continue
-            z = z_first if i == 0 and z_first is not None else m @ params["key"].T + params["bias"]
+            z = z_first if i == 0 and z_first is not None else preactivation(params, m)
             if self.gated:
                 worst = torch.maximum(worst, self.gain(params, m, z).max(0).values)
             else:  # the envelope rises with z, so the row highest in z is the one that can receive most
@@ -217,7 +217,7 @@ class _Validation:
         counted while the neuron fires on it, and ``fixed_patience``."""
         c = self.config
         ze = out.z_rows[0].detach()
-        val_loss = self.objective.memory_loss(val @ params["key"].T + params["bias"], ze).double()
+        val_loss = self.objective.memory_loss(preactivation(params, val), ze).double()
         self.fixed_for = self.fixed_for + self.every * out.fixed.long()
         firing = out.fixed & (ze.min().double() > c.act_margin)
         improved = val_loss < self.best - 1e-6
@@ -230,7 +230,7 @@ class _Validation:
         stop once the best is ``early_patience`` or more validations old."""
         c = self.config
         z_val = evaluated.z_rows.expand(self.copies, -1)
-        val_loss = self.objective.memory_term(val @ params["key"].T + params["bias"], z_val).double()
+        val_loss = self.objective.memory_term(preactivation(params, val), z_val).double()
         improved = val_loss < self.best - c.early_threshold
         self.best = torch.where(evaluated.fixed & improved, val_loss, self.best)
         self.since_best = torch.where(evaluated.fixed, torch.where(improved, 0, self.since_best + 1), self.since_best)
