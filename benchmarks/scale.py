@@ -37,6 +37,7 @@ SHAPES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
 }
+MODES = ("cached", "compiled", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("the a city river country capital north south old new big small red blue cat dog house tree road sky sun "
@@ -71,19 +72,25 @@ def build_model(args, vocab: int, device: torch.device, dtype: torch.dtype):
     return model.eval(), shape
 
 
+def compile_mode(args, device: torch.device) -> str:
+    return args.compile or ("reduce-overhead" if device.type == "cuda" else "default")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def run_mode(model, tok, cached: bool, memory, requests: list[EditRequest], args, device) -> dict:
-    """Every request edited for exactly ``args.steps`` steps; the patches are removed afterwards."""
-    config = PatcherConfig(cached=cached, max_steps=args.steps, leak_tol=0.0, patience=10**9, fixed_patience=10**9,
-                           memory_size=10**9, seed=args.seed, check_every=args.check_every)
+def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, device) -> dict:
+    """Every request edited for exactly ``args.steps`` steps; the patches are removed afterwards.
+    ``mode``: cached, compiled (cached, with ``PatcherConfig.compile``) or full."""
+    config = PatcherConfig(cached=mode != "full", max_steps=args.steps, leak_tol=0.0, patience=10**9,
+                           fixed_patience=10**9, memory_size=10**9, seed=args.seed, check_every=args.check_every,
+                           compile=compile_mode(args, device) if mode == "compiled" else None)
     editor = Editor(model, tok, config)
     editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()
     warm = [EditRequest(f"warmup-{r.id}", r.input, r.target) for r in requests[: args.warmup]]
-    for request in warm:  # first calls pay for kernel selection and allocator growth
+    for request in warm:  # first calls pay for kernel selection, allocator growth and the compile
         editor.edit(request)
     for edit_id in list(editor.edit_ids):
         editor.remove(edit_id)
@@ -125,14 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--edits", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="training steps per edit")
     p.add_argument("--warmup", type=int, default=1, help="untimed edits per mode first")
-    p.add_argument("--modes", default="cached,full", help="cached, full or both")
+    p.add_argument("--modes", default="cached,full", help="comma-separated: cached, compiled (cached with "
+                   "PatcherConfig.compile), full")
+    p.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode of the compiled mode (default: reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--check-every", type=int, default=None, help="PatcherConfig.check_every (default: the patcher's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default under benchmarks/results/)")
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"cached", "full"}:
-        p.error(f"--modes takes cached and/or full, got {args.modes!r}")
+    if not modes or set(modes) - set(MODES):
+        p.error(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     for name in ("memory", "edits", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -169,13 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
         "memory": {"sentences": args.memory, "queries": queries, "build_s": round(build_s, 3)},
         "steps_per_edit": args.steps,
-        "modes": {mode: run_mode(model, tok, mode == "cached", memory, requests, args, device) for mode in modes},
+        "compile": compile_mode(args, device) if "compiled" in modes else None,
+        "modes": {mode: run_mode(model, tok, mode, memory, requests, args, device) for mode in modes},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    if {"cached", "full"} <= set(result["modes"]) and result["modes"]["cached"]["ms_per_step"]:
-        full, cached = result["modes"]["full"]["ms_per_step"], result["modes"]["cached"]["ms_per_step"]
-        result["full_over_cached_step"] = round(full / cached, 2) if full else None
+    for mode in ("cached", "compiled"):
+        if {mode, "full"} <= set(result["modes"]) and result["modes"][mode]["ms_per_step"]:
+            full, fast = result["modes"]["full"]["ms_per_step"], result["modes"][mode]["ms_per_step"]
+            result[f"full_over_{mode}_step"] = round(full / fast, 2) if full else None
     overrides = "".join(f"-{k}{v}" for k, v in (("L", args.layers), ("h", args.hidden), ("f", args.ffn)) if v is not None)
     out = args.out or RESULTS / f"scale-{args.shape}-{device.type}-{args.dtype}{overrides}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

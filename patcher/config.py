@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class PatcherConfig(BaseModel):
@@ -54,6 +54,10 @@ class PatcherConfig(BaseModel):
     check_every: int | None = Field(None, gt=0, description="steps between the host's looks at the stopping rules "
                                     "(they are computed on the device every step, so the patch does not depend on "
                                     "this); None: 1 on CPU or in full-forward mode, 8 otherwise (ours)")
+    compile: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+        None, description="cached mode: torch.compile each step's forward (the new neurons, the model's tail, the "
+        "losses, the leak screen) and its backward with this mode; reduce-overhead adds CUDA graphs. The first edit "
+        "pays the compile (tens of seconds); needs a C++ compiler on CPU and triton on CUDA. None: eager (ours)")
     # ---- where our mode and the reference differ (the default is ours; see ``reference``)
     value_init: Literal["ours", "reference"] = Field(
         "ours", description="ours: values N(0,1)/sqrt(d) times one trainable amplifier per neuron; reference: "
@@ -88,6 +92,12 @@ class PatcherConfig(BaseModel):
                                "training did not fix (reference); ours removes them")
     max_new_tokens: int = 16
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _compile_needs_cached(self) -> "PatcherConfig":
+        if self.compile and not self.cached:
+            raise ValueError("compile applies to the cached step only: set cached=True or compile=None")
+        return self
 
     @classmethod
     def reference(cls, task: str, **overrides) -> "PatcherConfig":

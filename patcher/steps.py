@@ -1,6 +1,7 @@
 """The new neurons of one edit, and the two ways of taking one training step with them.
 
-Both step functions take the trainable parameters and the step number and return a ``StepOut``:
+Both step functions take the trainable parameters and the step's inputs (``batch(step)``) and
+return a ``StepOut``:
 the logits the edit loss is computed on, their labels, each neuron's pre-activation on its own
 query position in every training row, and whether the edit is fixed (a device tensor, so that
 the training loop can decide when to look at it).
@@ -73,9 +74,13 @@ def rounded(params: Params, dtype: torch.dtype) -> Params:
     return out
 
 
-def preactivation(params: Params, q: torch.Tensor) -> torch.Tensor:
-    """(..., n): each new neuron's pre-activation z = key . q + bias for queries q (..., d)."""
-    return q @ params["key"].T + params["bias"]
+def preactivation(params: Params, q: torch.Tensor, own: bool = False, weight: str = "key", bias: str = "bias") -> torch.Tensor:
+    """(..., n): each new neuron's pre-activation z = key . q + bias for queries q (..., d) that all
+    neurons read; ``own``: q (n, C, d) holds each neuron's own C rows, and the result is (C, n).
+    ``weight``/``bias`` "up"/"up_bias": a gated FFN's up projection instead."""
+    if own:
+        return torch.einsum("ncd,nd->cn", q, params[weight]) + params[bias]
+    return q @ params[weight].T + params[bias]
 
 
 def contribution(params: Params, q: torch.Tensor, act: nn.Module, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +88,7 @@ def contribution(params: Params, q: torch.Tensor, act: nn.Module, gated: bool) -
     z = preactivation(params, q)
     a = act(z)
     if gated:
-        a = a * (q @ params["up"].T + params["up_bias"])
+        a = a * preactivation(params, q, weight="up", bias="up_bias")
     return z, a @ (params["value"] * params["amp"])
 
 
@@ -112,8 +117,11 @@ class CachedStep:
         self.pos = torch.tensor(positions, dtype=torch.long, device=device)
         self.neuron = torch.arange(len(positions), device=device)
 
-    def __call__(self, params: Params, step: int) -> StepOut:
-        q, resid, y = self.batches[step % len(self.batches)]
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's inputs: one dropout round's (q, resid, y); steps cycle through them."""
+        return self.batches[step % len(self.batches)]
+
+    def __call__(self, params: Params, q: torch.Tensor, resid: torch.Tensor, y: torch.Tensor) -> StepOut:
         z, delta = contribution(params, q, self.act, self.gated)  # (R, J, n), (R, J, d)
         logits = self.tail((y + delta.to(y.dtype)).flatten(0, 1), resid.flatten(0, 1))
         return StepOut(logits.float(), self.labels, z[:, self.pos, self.neuron], self._fixed(params, logits))
@@ -153,7 +161,11 @@ class FullStep:
         self.main_labels = labels_of([main], device)
         self.neuron = torch.arange(len(positions), device=device)
 
-    def __call__(self, params: Params, step: int) -> StepOut:
+    def batch(self, step: int) -> tuple:
+        """Nothing: the model draws fresh dropout masks at every step itself."""
+        return ()
+
+    def __call__(self, params: Params) -> StepOut:
         logits, z_rows = self._run(params, self.items, train=True)
         fixed = self.evaluate(params).fixed if self.fixed_every_step else torch.zeros((), dtype=torch.bool,
                                                                                        device=logits.device)

@@ -18,6 +18,7 @@ when checking every step: the patch does not depend on ``check_every``, only the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 import torch
@@ -88,28 +89,30 @@ class Objective:
 
     @staticmethod
     def candidates(params: Params, memory: torch.Tensor, n: int) -> torch.Tensor:
-        """Each neuron's n memory rows highest in z, the union over the neurons: every neuron's own
-        worst rows, even where another neuron's z is higher everywhere."""
+        """(neurons, n, d): each neuron's own n memory rows highest in its z, even where another
+        neuron's z is higher everywhere. One shape for every refresh (no data-dependent size, no
+        wait for the device)."""
         top = preactivation(params, memory).topk(min(n, memory.shape[0]), dim=0).indices  # (n, neurons)
-        return memory.index_select(0, top[:, 0] if top.shape[1] == 1 else top.flatten().unique())
+        return memory[top.T]
 
-    def memory_z(self, params: Params, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_z(self, params: Params, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(zm, z): zm (k, n), with gradient, the pre-activations of each neuron's top-k memory
         rows (both memory terms increase with z, so only they enter the loss); z (C, n), without
-        gradient, every candidate's (the leak screen reads it).
+        gradient, every row's (the leak screen reads it). ``rows``: the memory itself (N, d) or
+        each neuron's candidates (n, C, d).
 
-        With no more candidates than k, every candidate is a top-k row: one matmul scores them
-        all, with gradient. Otherwise the rows are picked from scores computed without gradient,
-        and only they are recomputed with it."""
-        k = self.config.memory_topk
-        if candidates.shape[0] <= k:
-            zm = preactivation(params, candidates)
+        With no more rows than k, every row is a top-k row: one product scores them all, with
+        gradient. Otherwise the rows are picked from scores computed without gradient, and only
+        they are recomputed with it."""
+        k, own = self.config.memory_topk, rows.dim() == 3
+        if rows.shape[-2] <= k:
+            zm = preactivation(params, rows, own)
             return zm, zm.detach()
         with torch.no_grad():
-            z = preactivation(params, candidates)
-        idx = z.topk(k, dim=0).indices  # (k, n)
-        rows = candidates.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (k, n, d)
-        return torch.einsum("knd,nd->kn", rows, params["key"]) + params["bias"], z
+            z = preactivation(params, rows, own)
+        idx = z.topk(k, dim=0).indices.T  # (n, k)
+        top = rows.gather(1, idx[..., None].expand(-1, -1, rows.shape[-1])) if own else rows[idx]
+        return preactivation(params, top, own=True), z
 
     def envelope(self, z: torch.Tensor) -> torch.Tensor:
         """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
@@ -118,21 +121,24 @@ class Objective:
 
     def gain(self, params: Params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n): the most each neuron can pass to each query (up to the value vector): the
-        activation's envelope at its pre-activation, times |up . q| for gated FFNs."""
-        gain = self.envelope(preactivation(params, queries) if z is None else z)
+        activation's envelope at its pre-activation, times |up . q| for gated FFNs. ``queries``:
+        (N, d) read by every neuron, or (n, N, d) each neuron's own."""
+        own = queries.dim() == 3
+        gain = self.envelope(preactivation(params, queries, own) if z is None else z)
         if self.gated:
-            gain = gain * (queries @ params["up"].T + params["up_bias"]).abs()
+            gain = gain * preactivation(params, queries, own, "up", "up_bias").abs()
         return gain
 
     def leak(self, params: Params, q_edit: torch.Tensor, *memories: torch.Tensor, z_first: torch.Tensor | None = None) -> torch.Tensor:
         """0-dim: the largest share of a neuron's output on its mistake (``q_edit``: (n, d), one
-        query per neuron) that it can pass to any query of ``memories``; 0 when they are empty.
-        ``z_first``: the first memory's pre-activations, when the caller has them already."""
+        query per neuron) that it can pass to any query of ``memories`` ((N, d), or (n, N, d) each
+        neuron's own); 0 when they are empty. ``z_first``: the first memory's pre-activations,
+        when the caller has them already."""
         worst = q_edit.new_zeros(q_edit.shape[0])
         for i, m in enumerate(memories):
-            if not m.shape[0]:
+            if not m.shape[-2]:
                 continue
-            z = z_first if i == 0 and z_first is not None else preactivation(params, m)
+            z = z_first if i == 0 and z_first is not None else preactivation(params, m, m.dim() == 3)
             if self.gated:
                 worst = torch.maximum(worst, self.gain(params, m, z).max(0).values)
             else:  # the envelope rises with z, so the row highest in z is the one that can receive most
@@ -251,36 +257,28 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
     # fused: one kernel for the update (CPU and CUDA), its step counters on the parameters' device (no sync)
     opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay,
                            fused=True)
-    lam = c.memory_weight(objective.task)
     refresh = step_fn.refresh
     n_candidates = c.memory_candidates or c.memory_topk
     validation = _Validation(c, objective, opt, refresh, device)
-    leak_rule = c.stop_rule == "leak"
+    forward = _compiled(c.compile) if c.compile else step_losses
     candidates, val_top = memory, val
     window: list[_Pending] = []
     for step in range(c.max_steps):
-        out = step_fn(params, step)
         if step_fn.cached and step % refresh == 0 and memory.shape[0] > n_candidates:
             with torch.no_grad():  # each neuron's rows nearest to firing, and the validation rows that could leak most
                 candidates = objective.candidates(params, memory, n_candidates)
                 if val.shape[0]:
                     gain = objective.gain(params, val).max(-1).values
                     val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
-        zm, z_cand = objective.memory_z(params, candidates)  # (k, n) with gradient, (C, n) without
-        l_edit = objective.edit_loss(out.logits, out.labels)
-        l_act = objective.act_loss(out.z_rows)
-        l_mem = objective.memory_term(zm, out.z_rows) if memory.shape[0] else l_edit.new_zeros(())
-        loss = l_edit + c.act_loss_weight * l_act + lam * l_mem
-
+        if c.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        out, loss, losses, leak_ok = forward(step_fn, objective, params, step_fn.batch(step), candidates, val_top, q_edit)
+        if c.compile:  # a CUDA graph's outputs are overwritten by its next replay: keep copies
+            losses, leak_ok = losses.clone(), leak_ok.clone()
         with torch.no_grad():
-            leak_ok = validation.never
-            if leak_rule:
-                leak = objective.leak(params, q_edit, candidates, val_top, z_first=z_cand)
-                leak_ok = out.fixed & (leak.double() < c.leak_tol)
             patience = validation(step, step_fn, out, params, val)
             last = step == c.max_steps - 1 or len(window) + 1 >= check_every
-            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val,
-                                   torch.stack([l_edit, l_act, l_mem, loss]).detach(),
+            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses,
                                    None if last else {k: v.detach().clone() for k, v in params.items()}))
         if last:
             stop = _first_stop(window, params, objective, memory, val, q_edit)
@@ -297,6 +295,34 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
         torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
         opt.step()
     return _log(validation.log, c.max_steps, final_losses)
+
+
+def step_losses(step_fn: CachedStep | FullStep, objective: Objective, params: Params, batch: tuple,
+                candidates: torch.Tensor, val_top: torch.Tensor, q_edit: torch.Tensor):
+    """One step's forward: (the step's output, the loss, the four losses detached, and the leak
+    flag: fixed and the leak screened on the candidates below ``leak_tol``). This is what
+    ``compile`` compiles: a few fused kernels instead of a hundred small ones."""
+    c = objective.config
+    out = step_fn(params, *batch)
+    zm, z_cand = objective.memory_z(params, candidates)  # (k, n) with gradient, (C, n) without
+    l_edit = objective.edit_loss(out.logits, out.labels)
+    l_act = objective.act_loss(out.z_rows)
+    l_mem = objective.memory_term(zm, out.z_rows)
+    loss = l_edit + c.act_loss_weight * l_act + c.memory_weight(objective.task) * l_mem
+    with torch.no_grad():
+        leak_ok = torch.zeros((), dtype=torch.bool, device=loss.device)
+        if c.stop_rule == "leak":
+            leak = objective.leak(params, q_edit, candidates, val_top, z_first=z_cand)
+            leak_ok = out.fixed & (leak.double() < c.leak_tol)
+        losses = torch.stack([l_edit, l_act, l_mem, loss]).detach()
+    return out, loss, losses, leak_ok
+
+
+@functools.cache
+def _compiled(mode: str):
+    """``step_losses`` compiled once per process and mode; shapes are dynamic, so a new edit's
+    batch or number of neurons does not recompile it."""
+    return torch.compile(step_losses, mode=mode, dynamic=True)
 
 
 def _log(log: TrainLog, steps: int, losses: torch.Tensor) -> TrainLog:

@@ -1,5 +1,6 @@
-"""The scale benchmark end to end on a tiny Llama shape on the CPU (seconds): both modes run, every
-figure is there and sane, and bad options fail with a one-line error."""
+"""The scale benchmark end to end on a tiny Llama shape on the CPU (seconds): the three modes run
+(the compiled one in bf16 too), every figure is there and sane, and bad options fail with a
+one-line error."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ TINY = ["--shape", "1.1b", "--layers", "2", "--hidden", "64", "--ffn", "128", "-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_tiny_cpu_run_writes_every_field(tmp_path):
     out = tmp_path / "scale.json"
-    returned = scale.main(TINY + ["--dtype", "bfloat16", "--out", str(out)])
+    returned = scale.main(TINY + ["--dtype", "bfloat16", "--modes", "cached,compiled,full", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(returned))
     assert data["benchmark"] == "scale" and data["device"] == "cpu" and data["dtype"] == "bfloat16"
@@ -27,13 +28,13 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
     assert data["model"]["intermediate_size"] == 128 and data["model"]["vocab_size"] == 30522
     assert data["model"]["parameters"] > 30522 * 64
     assert data["memory"]["sentences"] == 12 and data["memory"]["queries"] > 12 and data["memory"]["build_s"] > 0
-    assert set(data["modes"]) == {"cached", "full"}
+    assert set(data["modes"]) == {"cached", "compiled", "full"} and data["compile"] == "default"
     for mode in data["modes"].values():
         assert mode["edits"] == 2 and mode["edits"] - mode["already_correct"] >= 1
         assert mode["steps"] == 3 * (mode["edits"] - mode["already_correct"])
         assert mode["ms_per_step"] > 0 and mode["s_per_edit"] > mode["ms_per_step"] * 3 / 1000
         assert mode["peak_gpu_mb"] is None
-    assert data["full_over_cached_step"] > 0
+    assert data["full_over_cached_step"] > 0 and data["full_over_compiled_step"] > 0
     assert data["command"].startswith("python -m benchmarks.scale")
 
 

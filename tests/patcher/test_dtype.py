@@ -71,7 +71,7 @@ def test_bf16_check_of_fixed_is_in_the_models_dtype():
     labels = torch.tensor(variants[0].labels)
     step = CachedStep(editor._logits_from, editor.ffn.act, True, editor._training_batches(cap, variants, n, 0),
                       labels, list(range(n)), 10)
-    out = step(params, 0)
+    out = step(params, *step.batch(0))
     assert out.logits.dtype == torch.float32 and out.z_rows.dtype == torch.float32
     editor.ffn.add(to_block("x", params, True, torch.bfloat16))
     with torch.no_grad():

@@ -115,29 +115,32 @@ def test_full_forward_dropout_masks_come_from_the_edit_seed():
 
 
 def test_memory_z_scores_the_top_rows_with_or_without_a_preselection():
-    """A neuron's top-k memory rows enter the loss: picked among more candidates at every step, or,
-    when the candidates are no more than k (the default: the top rows of the last full scan), all
-    of them in one product. Same rows, same loss, same gradient either way."""
+    """Each neuron's top-k memory rows enter the loss: picked at every step from the whole memory
+    or from its own candidates, or, when its candidates are no more than k (the default: its top
+    rows at the last full scan), all of them in one product. Same rows, same loss, same gradient
+    every way, for each of two neurons."""
     from patcher import PatcherConfig
     from patcher.training import Objective
 
     g = torch.Generator().manual_seed(0)
-    candidates, key = torch.randn(40, 16, generator=g), torch.randn(1, 16, generator=g)
+    memory, key = torch.randn(40, 16, generator=g), torch.randn(2, 16, generator=g)
+    bias = torch.tensor([0.5, -0.5])
     objective = Objective(PatcherConfig(memory_topk=10), "classification", torch.nn.GELU(), False, torch.device("cpu"))
 
     def loss_and_grad(rows: torch.Tensor):
-        params = {"key": key.clone().requires_grad_(True), "bias": torch.zeros(1, requires_grad=True)}
+        params = {"key": key.clone().requires_grad_(True), "bias": bias.clone().requires_grad_(True)}
         zm, z = objective.memory_z(params, rows)
-        assert zm.shape == (10, 1) and not z.requires_grad and torch.allclose(z, rows @ key.T)
-        loss = objective.memory_loss(zm, torch.ones(1))
+        assert zm.shape == (10, 2) and not z.requires_grad
+        loss = objective.memory_loss(zm, torch.ones(2))
         loss.backward()
         return zm.detach().sort(0).values, loss.detach(), params["key"].grad, params["bias"].grad
 
-    picked = loss_and_grad(candidates)
-    all_top = loss_and_grad(candidates[(candidates @ key.T).topk(10, dim=0).indices.flatten()])
-    for a, b in zip(picked, all_top):
-        assert torch.allclose(a, b, atol=1e-6)
-    assert picked[2].abs().sum() > 0
+    params = {"key": key, "bias": bias}
+    whole = loss_and_grad(memory)
+    for rows in (Objective.candidates(params, memory, 25), Objective.candidates(params, memory, 10)):
+        for a, b in zip(whole, loss_and_grad(rows)):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert whole[2].abs().sum(-1).gt(0).all()
 
 
 @pytest.mark.parametrize("batch_size", [3, 40])
@@ -168,18 +171,55 @@ def test_dropout_rounds_are_fresh_samples_from_the_edit_seed(batch_size):
 
 def test_candidates_hold_every_neurons_own_top_rows():
     """Memory candidates are picked per neuron: a neuron whose z is below another's on every row
-    still finds its own highest rows among them (a max over the neurons would leave them out)."""
+    still gets its own highest rows (a max over the neurons would leave them out), in one shape
+    (neurons, n, d) whatever the rows, so a compiled step never meets a new size."""
     from patcher.training import Objective
 
     g = torch.Generator().manual_seed(0)
     memory = torch.randn(200, 8, generator=g)
     params = {"key": torch.randn(2, 8, generator=g), "bias": torch.tensor([100.0, -100.0])}
     candidates = Objective.candidates(params, memory, 10)
-    assert candidates.shape[0] > 10
-    rows = {tuple(r.tolist()) for r in candidates}
+    assert candidates.shape == (2, 10, 8)
     for neuron in range(2):
         z = memory @ params["key"][neuron] + params["bias"][neuron]
-        assert {tuple(memory[i].tolist()) for i in z.topk(10).indices} <= rows
-    one = {"key": params["key"][:1], "bias": params["bias"][:1]}  # one neuron: its top rows, in order
-    z = memory @ one["key"][0]
-    assert torch.equal(Objective.candidates(one, memory, 10), memory[z.topk(10).indices])
+        assert torch.equal(candidates[neuron], memory[z.topk(10).indices])
+
+
+def test_compile_needs_the_cached_step():
+    from pydantic import ValidationError
+
+    from patcher import PatcherConfig
+
+    with pytest.raises(ValidationError, match="compile applies to the cached step"):
+        PatcherConfig(cached=False, compile="default")
+    assert PatcherConfig.reference("classification", cached=True, compile="default").compile == "default"
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_compiled_step_computes_what_the_eager_step_does(kind):
+    """``compile``: the first step's losses match eager ones (bert: classification with dropout
+    rounds; llama: a gated FFN, several neurons per edit), on per-neuron memory candidates with
+    more rows than the loss reads; a whole edit compiled fixes the mistake on the real model."""
+    small = dict(memory_candidates=12, memory_topk=8, dropout_rounds=2)
+
+    def editor(**overrides) -> Editor:
+        model, tok = tiny.build(kind)
+        if kind == "bert":
+            model.bert.encoder.layer[0].output.dropout.p = 0.3
+        editor = Editor(model, tok, C.config(**small, **overrides))
+        editor.build_memory(tiny.SENTENCES)
+        assert editor.memory.shape[0] > small["memory_candidates"], "test premise: candidates are picked per neuron"
+        return editor
+
+    first = dict(max_steps=1, leak_tol=0.0)
+    eager = editor(**first)
+    eager = eager.edit(C.wrong_request(eager))
+    compiled = editor(**first, compile="default")
+    compiled = compiled.edit(C.wrong_request(compiled))
+    assert eager.steps == compiled.steps == 1
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
+
+    whole = editor(compile="default")
+    result = whole.edit(C.wrong_request(whole))
+    assert result.fixed and not result.already_correct  # judged on the patched model itself
+    assert result.neurons >= (2 if kind == "llama" else 1), "test premise: several neurons for the generator"
