@@ -130,3 +130,11 @@ def test_a_superseded_run_is_never_read_for_a_target():
     new["methods"]["patcher"]["sr"] = 0.5
     sr = next(line for line in tables.targets_table({"old": old, "new": new}).splitlines() if line.startswith("| qa | SR |"))
     assert "| 0.500 |" in sr and "seeds" not in sr
+
+
+def test_two_runs_of_one_seed_are_told_apart_by_their_names():
+    plain, variant = _qa_run(0, "served", "half", n=30), _qa_run(0, "served", "half", n=30)
+    variant["methods"]["patcher"]["sr"] = 0.5
+    sr = next(line for line in tables.targets_table({"qa-T30-s0": plain, "qa-T30-s0-compiled": variant}).splitlines()
+              if line.startswith("| qa | SR |"))
+    assert "(seeds 0, 0 compiled)" in sr and "0.500" in sr
