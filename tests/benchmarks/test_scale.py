@@ -39,7 +39,8 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [(["--modes", "fast"], "--modes"), (["--steps", "0"], "--steps"),
-                                          (["--heads", "5"], "divide evenly")])
+                                          (["--heads", "5"], "divide evenly"),
+                                          (["--tokenizer", "/"], "no tokenizer_config.json")])
 def test_bad_options_exit_with_one_line(bad, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         scale.main(TINY + bad + ["--out", str(tmp_path / "x.json")])
