@@ -7,7 +7,7 @@ this is a torch + transformers library usable from a notebook.
 
 from . import metrics
 from .editor import EditRequest, EditResult, Editor, PatcherConfig
-from .errors import PatchError, UnsupportedModelError
+from .errors import PatchError, SetupError, UnsupportedModelError
 from .families import FAMILIES, Family, resolve_family
 from .layer import PatchBlock, PatchedFFN, PatchedLinear
 from .loading import load_model, resolve_device, resolve_dtype
@@ -18,7 +18,7 @@ from .predict import predict, predicted_labels, served_correct, served_match, ta
 
 __all__ = [
     "Editor", "EditRequest", "EditResult", "PatcherConfig", "PatchSet", "PatchManifest", "PatchEntry", "PatchBlock",
-    "PatchedFFN", "PatchedLinear", "PatchError", "UnsupportedModelError", "FAMILIES", "Family", "resolve_family",
+    "PatchedFFN", "PatchedLinear", "PatchError", "SetupError", "UnsupportedModelError", "FAMILIES", "Family", "resolve_family",
     "fingerprint", "load_model", "resolve_device", "resolve_dtype", "predict", "predicted_labels", "served_correct",
     "served_match", "target_correct", "metrics", "Locality", "locality", "net_ratio",
 ]

@@ -61,7 +61,7 @@ def _parser(settings: Settings) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     apply_env_defaults()  # before MLflow, Prefect or transformers are imported
     args = _parser(Settings()).parse_args(argv)
-    from patcher import PatchError
+    from patcher import PatchError, SetupError
     from tasks.config import ConfigError
     from tasks.ingest import SourceError
     from tasks.night import NightLocked
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except NightLocked as exc:
         print(f"patchflow: {exc}", file=sys.stderr)
         return EXIT_LOCKED
-    except (ConfigError, RegistryError, SourceError, PatchError, FileNotFoundError) as exc:
+    except (ConfigError, RegistryError, SourceError, PatchError, SetupError, FileNotFoundError) as exc:
         print(f"patchflow: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

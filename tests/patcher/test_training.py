@@ -223,3 +223,22 @@ def test_compiled_step_computes_what_the_eager_step_does(kind):
     result = whole.edit(C.wrong_request(whole))
     assert result.fixed and not result.already_correct  # judged on the patched model itself
     assert result.neurons >= (2 if kind == "llama" else 1), "test premise: several neurons for the generator"
+
+
+def test_compile_without_a_compiler_is_a_setup_error(monkeypatch):
+    """No working C++ compiler (a fault injected through inductor's own setting): a SetupError
+    naming ``compile`` and what to do, not a deep traceback, and not blamed on the record."""
+    import torch._inductor.config as inductor
+
+    from patcher import SetupError
+
+    torch._dynamo.reset()  # compiled code of earlier tests would be reused without a compiler
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)
+    editor = C.editor_for("distilbert", compile="default")
+    try:
+        with pytest.raises(SetupError, match="compile='default'.*C\\+\\+ compiler.*leave compile unset") as info:
+            editor.edit(C.wrong_request(editor))
+    finally:
+        torch._dynamo.reset()
+    assert "InvalidCxxCompiler" in str(info.value) and not editor.edit_ids
