@@ -208,35 +208,35 @@ def _conditions(t: Target, runs: list[dict]) -> list[str]:
     return out
 
 
-def _seed_label(run: dict, stem: str, runs: list[dict]) -> str:
+def _seed_label(stem: str, run: dict, runs: list[dict]) -> str:
     """The run's seed; where two runs share it, with what its file name adds (``-s0-compiled``: "0 compiled")."""
     seed = str(run["seed"])
     if sum(r["seed"] == run["seed"] for r in runs) == 1:
         return seed
-    _, _, extra = stem.partition(f"-s{seed}")
-    return f"{seed} {extra.strip('-')}".strip() if extra.strip("-") else seed
+    extra = stem.partition(f"-s{seed}")[2].strip("-")
+    return f"{seed} {extra}" if extra else seed
 
 
 def targets_table(results: dict[str, dict]) -> str:
     header = ["task", "figure", "target", "measured (patcher)", "met", "measured under other conditions"]
     rows = []
     for t in TARGETS:
-        stems = {id(r): stem for stem, r in sme_results(results).items()}
-        runs = [r for r in sme_results(results).values()
-                if r["task"] == t.task and "patcher" in r["methods"] and not r.get("superseded_by")]
-        if not runs:
+        found = {stem: r for stem, r in sme_results(results).items()
+                 if r["task"] == t.task and "patcher" in r["methods"] and not r.get("superseded_by")}
+        if not found:
             rows.append([t.task, t.figure, f"≥ {t.bound}", "not measured", "—", ""])
             continue
-        if t.served and any(judge(r) == "served" for r in runs):  # the target's judge before a longer stream
-            runs = [r for r in runs if judge(r) == "served"]
-        n = max(r["N"] for r in runs)
-        runs = sorted((r for r in runs if r["N"] == n), key=lambda r: (r["seed"], stems[id(r)]))
+        if t.served and any(judge(r) == "served" for r in found.values()):  # the target's judge before a longer stream
+            found = {stem: r for stem, r in found.items() if judge(r) == "served"}
+        n = max(r["N"] for r in found.values())
+        found = dict(sorted(((stem, r) for stem, r in found.items() if r["N"] == n), key=lambda sr: (sr[1]["seed"], sr[0])))
+        runs = list(found.values())
         values = [t.value(r["methods"]["patcher"]) for r in runs]
         if any(v is None for v in values):
             rows.append([t.task, t.figure, f"≥ {t.bound}", "not recorded", "—", ", ".join(_conditions(t, runs))])
             continue
-        measured = " / ".join(_num(v) for v in values) + (f" (seeds {', '.join(_seed_label(r, stems[id(r)], runs) for r in runs)})"
-                                                          if len(runs) > 1 else "")
+        seeds = ", ".join(_seed_label(stem, r, runs) for stem, r in found.items())
+        measured = " / ".join(_num(v) for v in values) + (f" (seeds {seeds})" if len(runs) > 1 else "")
         met = "yes" if all(v >= t.bound for v in values) else f"no ({min(values) - t.bound:+.3f})"
         rows.append([t.task, t.figure, f"≥ {t.bound}", measured, met, ", ".join(_conditions(t, runs))])
     return _table(header, rows)
