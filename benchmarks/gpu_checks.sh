@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The scale issue's GPU checks as one prepared run, for a lent GPU machine (the workplace's `device`
 # tool: its python3 holds a CUDA torch and transformers, nothing can be fetched there, and it lacks
-# pydantic and the MiniLM tokenizer package).
+# pydantic and the MiniLM tokenizer package; its transformers is older than ours, so ours travels too).
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: .gpu/wheels (pydantic and its needs, for
 #                                             # the GPU image's Python 3.12) and .gpu/tokenizer
-#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; about 8 minutes on an H100/H200
+#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 9 minutes
 #
-# Runs the scale benchmark (cached, compiled with CUDA graphs, and full-forward modes, bf16) at the
-# 1.1B and 8B shapes and writes the JSON to $OUT (the device tool's return folder), else to
-# benchmarks/results/. Commit the JSON files it brings back.
-set -euo pipefail
+# Runs the scale benchmark (cached, full-forward and compiled (torch.compile), in that order, bf16,
+# one profiled edit per mode) at the 1.1B and 8B shapes, each shape under its own time limit, and
+# writes the JSON and the log to $OUT (the device tool's return folder), else to benchmarks/results/.
+# The JSON is rewritten after each mode, so a limit or a failing mode keeps what ran before it.
+# Commit the JSON files it brings back.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PYTHONUNBUFFERED=1
@@ -20,7 +22,7 @@ if [ "${1:-}" = "--prepare" ]; then
   rm -rf .gpu && mkdir -p .gpu/wheels .gpu/tokenizer
   versions=$($py - <<'PY'
 from importlib.metadata import version
-print(" ".join(f"{n}=={version(n)}" for n in ("pydantic", "pydantic_core", "annotated-types", "typing-inspection")))
+print(" ".join(f"{n}=={version(n)}" for n in ("pydantic", "pydantic_core", "annotated-types", "typing-inspection", "transformers")))
 PY
 )
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -43,7 +45,11 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-for shape in 1.1b 8b; do
-  python3 -m benchmarks.scale --shape "$shape" --device cuda --dtype bfloat16 --modes cached,compiled,full \
-    --tokenizer .gpu/tokenizer --out "$out/scale-$shape-cuda-bfloat16.json"
+status=0
+for shape_limit in 1.1b:230 8b:270; do
+  shape=${shape_limit%%:*}
+  timeout "${shape_limit##*:}" python3 -m benchmarks.scale --shape "$shape" --device cuda --dtype bfloat16 \
+    --modes cached,full,compiled --profile --tokenizer .gpu/tokenizer --out "$out/scale-$shape-cuda-bfloat16.json" \
+    2>&1 | tee "$out/scale-$shape-cuda-bfloat16.log" || status=1
 done
+exit $status

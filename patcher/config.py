@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# torch.compile modes that record CUDA graphs. In our GPU runs (H200, torch 2.11, the scale benchmark)
+# reduce-overhead crashed the process in the compiled backward, with cudagraph trees and without; max-autotune
+# records the same graphs. The config refuses both.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class PatcherConfig(BaseModel):
@@ -54,10 +59,11 @@ class PatcherConfig(BaseModel):
     check_every: int | None = Field(None, gt=0, description="steps between the host's looks at the stopping rules "
                                     "(they are computed on the device every step, so the patch does not depend on "
                                     "this); None: 1 on CPU or in full-forward mode, 8 otherwise (ours)")
-    compile: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+    compile: Literal["default", "max-autotune-no-cudagraphs"] | None = Field(
         None, description="cached mode: torch.compile each step's forward (the new neurons, the model's tail, the "
-        "losses, the leak screen) and its backward with this mode; reduce-overhead adds CUDA graphs. The first edit "
-        "pays the compile (tens of seconds); needs a C++ compiler on CPU and triton on CUDA. None: eager (ours)")
+        "losses, the leak screen) and its backward with this mode. The first edit pays the compile (tens of "
+        "seconds); needs a C++ compiler on CPU and triton on CUDA. The CUDA-graph modes are refused (see "
+        "CUDA_GRAPH_MODES). None: eager (ours)")
     # ---- where our mode and the reference differ (the default is ours; see ``reference``)
     value_init: Literal["ours", "reference"] = Field(
         "ours", description="ours: values N(0,1)/sqrt(d) times one trainable amplifier per neuron; reference: "
@@ -92,6 +98,15 @@ class PatcherConfig(BaseModel):
                                "training did not fix (reference); ours removes them")
     max_new_tokens: int = 16
     seed: int = 0
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _no_cuda_graphs(cls, value):
+        if value in CUDA_GRAPH_MODES:
+            raise ValueError(f"compile={value!r} adds CUDA graphs, which crashed the process (a segmentation fault "
+                             "in the compiled backward, reduce-overhead on an H200 with torch 2.11); use 'default' or "
+                             "'max-autotune-no-cudagraphs'")
+        return value
 
     @model_validator(mode="after")
     def _compile_needs_cached(self) -> "PatcherConfig":

@@ -271,16 +271,12 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
                 if val.shape[0]:
                     gain = objective.gain(params, val).max(-1).values
                     val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
-        if c.compile == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
         try:
             out, loss, losses, leak_ok = forward(step_fn, objective, params, step_fn.batch(step), candidates, val_top, q_edit)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             raise SetupError(f"compile={c.compile!r}: torch.compile could not build the training step "
                              f"({str(exc).strip().splitlines()[0]}); install a C++ compiler (CPU) or triton "
                              "(CUDA), or leave compile unset") from exc
-        if c.compile:  # a CUDA graph's outputs are overwritten by its next replay: keep copies
-            losses, leak_ok = losses.clone(), leak_ok.clone()
         with torch.no_grad():
             patience = validation(step, step_fn, out, params, val)
             last = step == c.max_steps - 1 or len(window) + 1 >= check_every

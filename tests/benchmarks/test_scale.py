@@ -20,7 +20,8 @@ TINY = ["--shape", "1.1b", "--layers", "2", "--hidden", "64", "--ffn", "128", "-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_tiny_cpu_run_writes_every_field(tmp_path):
     out = tmp_path / "scale.json"
-    returned = scale.main(TINY + ["--dtype", "bfloat16", "--modes", "cached,compiled,full", "--out", str(out)])
+    returned = scale.main(TINY + ["--dtype", "bfloat16", "--modes", "cached,compiled,full", "--profile",
+                                  "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(returned))
     assert data["benchmark"] == "scale" and data["device"] == "cpu" and data["dtype"] == "bfloat16"
@@ -34,12 +35,18 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
         assert mode["steps"] == 3 * (mode["edits"] - mode["already_correct"])
         assert mode["ms_per_step"] > 0 and mode["s_per_edit"] > mode["ms_per_step"] * 3 / 1000
         assert mode["peak_gpu_mb"] is None
+        prof = mode["profile"]  # one more edit, profiled: on a CPU no launches or syncs, some .item() calls
+        assert prof["steps"] == 3 and prof["wall_ms"] > 0 and prof["device_busy_ms"] is None
+        assert prof["launches_per_step"] == 0 and prof["syncs_per_step"] == 0 and prof["items_per_step"] > 0
+        assert prof["top_host_ops"] and all(op["count"] >= 1 for op in prof["top_host_ops"])
+    assert data["modes"]["compiled"]["compile_counters"]["stats"]["unique_graphs"] >= 1
     assert data["full_over_cached_step"] > 0 and data["full_over_compiled_step"] > 0
     assert data["command"].startswith("python -m benchmarks.scale")
 
 
 @pytest.mark.parametrize("bad, message", [(["--modes", "fast"], "--modes"), (["--steps", "0"], "--steps"),
                                           (["--heads", "5"], "divide evenly"),
+                                          (["--compile", "reduce-overhead"], "--compile"),
                                           (["--tokenizer", "/"], "no tokenizer_config.json")])
 def test_bad_options_exit_with_one_line(bad, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -49,3 +56,23 @@ def test_bad_options_exit_with_one_line(bad, message, tmp_path, capsys):
     text = str(exc.value.code) if isinstance(exc.value.code, str) else err[-1]
     assert message in text and "\n" not in text
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_failing_mode_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
+    """A mode that fails (a fault injected into the full mode) leaves its error in the JSON, the
+    cached mode's figures stay, and the command exits non-zero naming the mode."""
+    real = scale.run_mode
+
+    def run_mode(model, tok, mode, *args, **kwargs):
+        if mode == "full":
+            raise RuntimeError("injected fault")
+        return real(model, tok, mode, *args, **kwargs)
+
+    monkeypatch.setattr(scale, "run_mode", run_mode)
+    out = tmp_path / "scale.json"
+    with pytest.raises(SystemExit) as exc:
+        scale.main(TINY + ["--modes", "cached,full", "--out", str(out)])
+    assert "full" in str(exc.value.code) and str(out) in str(exc.value.code)
+    data = json.loads(out.read_text())
+    assert data["modes"]["full"] == {"error": "RuntimeError: injected fault"}
+    assert data["modes"]["cached"]["ms_per_step"] > 0 and "full_over_cached_step" not in data

@@ -195,6 +195,18 @@ def test_compile_needs_the_cached_step():
     assert PatcherConfig.reference("classification", cached=True, compile="default").compile == "default"
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_refuses_cuda_graph_modes(mode):
+    """The modes that record CUDA graphs crashed the process on a GPU: refused, saying why and what to use."""
+    from pydantic import ValidationError
+
+    from patcher import PatcherConfig
+
+    with pytest.raises(ValidationError, match="CUDA graphs.*use 'default'"):
+        PatcherConfig(compile=mode)
+    assert PatcherConfig(compile="max-autotune-no-cudagraphs").compile == "max-autotune-no-cudagraphs"
+
+
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_compiled_step_computes_what_the_eager_step_does(kind):
     """``compile``: the first step's losses match eager ones (bert: classification with dropout
@@ -225,7 +237,7 @@ def test_compiled_step_computes_what_the_eager_step_does(kind):
     assert result.neurons >= (2 if kind == "llama" else 1), "test premise: several neurons for the generator"
 
 
-def test_compile_without_a_compiler_is_a_setup_error(monkeypatch):
+def test_compile_without_a_compiler_is_a_setup_error():
     """No working C++ compiler (a fault injected through inductor's own setting): a SetupError
     naming ``compile`` and what to do, not a deep traceback, and not blamed on the record."""
     import torch._inductor.config as inductor
@@ -233,11 +245,10 @@ def test_compile_without_a_compiler_is_a_setup_error(monkeypatch):
     from patcher import SetupError
 
     torch._dynamo.reset()  # compiled code of earlier tests would be reused without a compiler
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)
     editor = C.editor_for("distilbert", compile="default")
-    try:
-        with pytest.raises(SetupError, match="compile='default'.*C\\+\\+ compiler.*leave compile unset") as info:
+    try:  # inductor's own patch() restores its settings (monkeypatch's undo breaks its config module)
+        with inductor.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}), \
+                pytest.raises(SetupError, match="compile='default'.*C\\+\\+ compiler.*leave compile unset") as info:
             editor.edit(C.wrong_request(editor))
     finally:
         torch._dynamo.reset()
