@@ -9,8 +9,9 @@ replaced, the prose around it is kept. NAME is ``setup`` (how each run was set u
 and reference, on the same first K items), ``targets`` (the issue's targets against the closest
 run; a result file with ``"superseded_by"`` is kept for the record but never read for a target),
 ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream),
-``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``) or ``scale``
-(ms per training step on LLM shapes, ``python -m benchmarks.scale``).
+``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``), ``scale``
+(ms per training step on LLM shapes, ``python -m benchmarks.scale``) or ``point:<t>:<stem>,<stem>``
+(runs compared at item t of their series).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 README = HERE / "README.md"
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w:.\-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w:.,\-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 CLASSIFICATION_TASKS = {"fact-check"}  # results written before "kind" was recorded
 
 
@@ -214,6 +215,24 @@ def series_table(result: dict) -> str:
     return _table(["method", "figure"] + [f"t = {t:,}" for t in ts], rows)
 
 
+def point_table(t: int, stems: list[str], results: dict[str, dict]) -> str:
+    """Several runs' patcher compared at one point of their streams (their series at item ``t``):
+    runs of different lengths over the same stream prefix, e.g. a lever tried on a shorter run."""
+    header = ["result", "edits made (fixed by earlier patches)", "SR", "ER", "GR", "series test retained",
+              "neurons", "edit seconds"]
+    rows = []
+    for stem in stems:
+        if stem not in sme_results(results):
+            raise TableError(f"table point:{t}: no result file {stem}.json")
+        point = next((p for p in results[stem]["methods"]["patcher"]["series"] if p["t"] == t), None)
+        if point is None:
+            raise TableError(f"table point:{t}: {stem}.json has no series point at item {t}")
+        rows.append([f"`{stem}`", f"{point['edits']:,} ({t - point['edits']:,})", _num(point["sr"]), _num(point["er"]),
+                     _num(point["gr"]), _num(point.get("test_retained")), _num(point["neurons"]),
+                     f"{point['edit_seconds']:,.0f}"])
+    return _table(header, rows)
+
+
 def commands_block(results: dict[str, dict]) -> str:
     lines = [f"{r['command']}  # {stem}" for stem, r in results.items() if r.get("command")]
     return "```bash\n" + "\n".join(lines) + "\n```\n"
@@ -326,6 +345,9 @@ def table(name: str, results: dict[str, dict]) -> str:
         if stem not in sme_results(results):
             raise TableError(f"table {name!r}: no result file {stem}.json")
         return series_table(results[stem])
+    if name.startswith("point:"):  # point:<t>:<stem>,<stem>,...
+        _, t, stems = name.split(":", 2)
+        return point_table(int(t), stems.split(","), results)
     raise TableError(f"unknown table {name!r}; known: {', '.join(simple)}, series:<result file stem>")
 
 

@@ -163,3 +163,16 @@ def test_two_runs_of_one_seed_are_told_apart_by_their_names():
     sr = next(line for line in tables.targets_table({"qa-T30-s0": plain, "qa-T30-s0-compiled": variant}).splitlines()
               if line.startswith("| qa | SR |"))
     assert "(seeds 0, 0 compiled)" in sr and "0.500" in sr
+
+
+def test_point_table_reads_each_run_at_one_item():
+    stem = next(s for s, r in tables.sme_results(RESULTS).items()
+                if "patcher" in r["methods"] and len(r["methods"]["patcher"]["series"]) > 1)
+    point = RESULTS[stem]["methods"]["patcher"]["series"][0]
+    text = tables.render(f"<!-- table:point:{point['t']}:{stem} -->\n<!-- /table:point:{point['t']}:{stem} -->", RESULTS)
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{stem}` |"))
+    assert f"| {point['edits']:,} ({point['t'] - point['edits']:,}) |" in row and f"| {tables._num(point['er'])} |" in row
+    with pytest.raises(tables.TableError, match="no series point at item 7"):
+        tables.point_table(7, [stem], RESULTS)
+    with pytest.raises(tables.TableError, match="no result file"):
+        tables.point_table(point["t"], ["missing-run"], RESULTS)
