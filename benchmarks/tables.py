@@ -278,16 +278,16 @@ def _conditions(t: Target, runs: list[dict]) -> list[str]:
     return out
 
 
-def _seed_label(stem: str, run: dict, runs: list[dict]) -> str:
-    """The run's seed; where two runs share it, with what its file name adds (``-s0-compiled``: "0 compiled")."""
-    seed = str(run["seed"])
-    if sum(r["seed"] == run["seed"] for r in runs) == 1:
-        return seed
-    extra = stem.partition(f"-s{seed}")[2].strip("-")
-    return f"{seed} {extra}" if extra else seed
+def _variant(stem: str, run: dict) -> str:
+    """What the result file's name adds after its seed (``factcheck-T1000-s0-compiled-margin8``:
+    "compiled-margin8"); "" for a plain run. Runs of one variant are seeds of one configuration."""
+    return stem.partition(f"-s{run['seed']}")[2].strip("-")
 
 
 def targets_table(results: dict[str, dict]) -> str:
+    """Each target against the longest runs closest to its conditions, one row per variant (the
+    file name's part after the seed), so that two configurations never share a verdict: the plain
+    runs first, then the variants by name."""
     header = ["task", "figure", "target", "measured (patcher)", "met", "measured under other conditions"]
     rows = []
     for t in TARGETS:
@@ -299,16 +299,21 @@ def targets_table(results: dict[str, dict]) -> str:
         if t.served and any(judge(r) == "served" for r in found.values()):  # the target's judge before a longer stream
             found = {stem: r for stem, r in found.items() if judge(r) == "served"}
         n = max(r["N"] for r in found.values())
-        found = dict(sorted(((stem, r) for stem, r in found.items() if r["N"] == n), key=lambda sr: (sr[1]["seed"], sr[0])))
-        runs = list(found.values())
-        values = [t.value(r["methods"]["patcher"]) for r in runs]
-        if any(v is None for v in values):
-            rows.append([t.task, t.figure, f"≥ {t.bound}", "not recorded", "—", ", ".join(_conditions(t, runs))])
-            continue
-        seeds = ", ".join(_seed_label(stem, r, runs) for stem, r in found.items())
-        measured = " / ".join(_num(v) for v in values) + (f" (seeds {seeds})" if len(runs) > 1 else "")
-        met = "yes" if all(v >= t.bound for v in values) else f"no ({min(values) - t.bound:+.3f})"
-        rows.append([t.task, t.figure, f"≥ {t.bound}", measured, met, ", ".join(_conditions(t, runs))])
+        groups: dict[str, dict[str, dict]] = {}
+        for stem, r in sorted(found.items(), key=lambda sr: (sr[1]["seed"], sr[0])):
+            if r["N"] == n:
+                groups.setdefault(_variant(stem, r), {})[stem] = r
+        for variant in sorted(groups, key=lambda v: (v != "", v)):
+            runs = list(groups[variant].values())
+            figure = t.figure + (f" (`{variant}`)" if variant else "")
+            values = [t.value(r["methods"]["patcher"]) for r in runs]
+            if any(v is None for v in values):
+                rows.append([t.task, figure, f"≥ {t.bound}", "not recorded", "—", ", ".join(_conditions(t, runs))])
+                continue
+            seeds = ", ".join(str(r["seed"]) for r in runs)
+            measured = " / ".join(_num(v) for v in values) + (f" (seeds {seeds})" if len(runs) > 1 else "")
+            met = "yes" if all(v >= t.bound for v in values) else f"no ({min(values) - t.bound:+.3f})"
+            rows.append([t.task, figure, f"≥ {t.bound}", measured, met, ", ".join(_conditions(t, runs))])
     return _table(header, rows)
 
 

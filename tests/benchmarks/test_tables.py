@@ -157,12 +157,16 @@ def test_a_superseded_run_is_never_read_for_a_target():
     assert "| 0.500 |" in sr and "seeds" not in sr
 
 
-def test_two_runs_of_one_seed_are_told_apart_by_their_names():
-    plain, variant = _qa_run(0, "served", "half", n=30), _qa_run(0, "served", "half", n=30)
+def test_each_variant_gets_its_own_row_and_verdict():
+    """Runs of one seed under two configurations (told apart by their file names) are not seeds of
+    one configuration: each variant has its own row and its own "met"."""
+    plain, variant, plain1 = (_qa_run(seed, "served", "half", n=30) for seed in (0, 0, 1))
     variant["methods"]["patcher"]["sr"] = 0.5
-    sr = next(line for line in tables.targets_table({"qa-T30-s0": plain, "qa-T30-s0-compiled": variant}).splitlines()
-              if line.startswith("| qa | SR |"))
-    assert "(seeds 0, 0 compiled)" in sr and "0.500" in sr
+    table = tables.targets_table({"qa-T30-s0": plain, "qa-T30-s0-margin8": variant, "qa-T30-s1": plain1})
+    rows = [line for line in table.splitlines() if line.startswith("| qa | SR")]
+    assert len(rows) == 2
+    assert "| qa | SR | ≥ 0.99 |" in rows[0] and "(seeds 0, 1)" in rows[0] and "| yes |" in rows[0]
+    assert "| qa | SR (`margin8`) | ≥ 0.99 | 0.500 | no (-0.490) |" in rows[1]
 
 
 def test_point_table_reads_each_run_at_one_item():
