@@ -10,8 +10,9 @@ and reference, on the same first K items), ``targets`` (the issue's targets agai
 run; a result file with ``"superseded_by"`` is kept for the record but never read for a target),
 ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream),
 ``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``), ``scale``
-(ms per training step on LLM shapes, ``python -m benchmarks.scale``) or ``point:<t>:<stem>,<stem>``
-(runs compared at item t of their series).
+(ms per training step on LLM shapes, ``python -m benchmarks.scale``), ``point:<t>:<stem>,<stem>``
+(runs compared at item t of their series) or ``compare:<stem>,<stem>`` (runs side by side, with the
+patcher settings they differ in).
 """
 
 from __future__ import annotations
@@ -233,6 +234,25 @@ def point_table(t: int, stems: list[str], results: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def compare_table(stems: list[str], results: dict[str, dict]) -> str:
+    """Several runs' patcher side by side, with the patcher settings in which they differ."""
+    missing = [stem for stem in stems if stem not in sme_results(results)]
+    if missing:
+        raise TableError(f"table compare: no result file {missing[0]}.json")
+    configs = [results[stem]["methods"]["patcher"]["config"]["patcher"] for stem in stems]
+    differ = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
+    header = ["result", *(f"`{k}`" for k in differ), "SR", "ER", "GR", "test broken (retained)", "neighbour retained",
+              "median steps", "edit seconds"]
+    rows = []
+    for stem, config in zip(stems, configs):
+        m = results[stem]["methods"]["patcher"]
+        tl = m["test_locality"]
+        rows.append([f"`{stem}`", *(str(config.get(k)) for k in differ), _num(m["sr"]), _num(m["er"]), _num(m["gr"]),
+                     f"{tl['broken']:,} ({_num(tl['retained'])})", _num(m["neighbour_r"]), _num(m["steps_median"], 1),
+                     f"{m['seconds_edits_total']:,.0f}"])
+    return _table(header, rows)
+
+
 def commands_block(results: dict[str, dict]) -> str:
     lines = [f"{r['command']}  # {stem}" for stem, r in results.items() if r.get("command")]
     return "```bash\n" + "\n".join(lines) + "\n```\n"
@@ -350,6 +370,8 @@ def table(name: str, results: dict[str, dict]) -> str:
         if stem not in sme_results(results):
             raise TableError(f"table {name!r}: no result file {stem}.json")
         return series_table(results[stem])
+    if name.startswith("compare:"):  # compare:<stem>,<stem>,...
+        return compare_table(name.split(":", 1)[1].split(","), results)
     if name.startswith("point:"):  # point:<t>:<stem>,<stem>,...
         _, t, stems = name.split(":", 2)
         return point_table(int(t), stems.split(","), results)

@@ -180,3 +180,16 @@ def test_point_table_reads_each_run_at_one_item():
         tables.point_table(7, [stem], RESULTS)
     with pytest.raises(tables.TableError, match="no result file"):
         tables.point_table(point["t"], ["missing-run"], RESULTS)
+
+
+def test_compare_table_names_the_settings_that_differ():
+    base = next(r for r in tables.sme_results(RESULTS).values() if "test_locality" in r["methods"].get("patcher", {}))
+    wide = copy.deepcopy(base)
+    wide["methods"]["patcher"]["config"]["patcher"]["memory_margin"] = 99.0
+    wide["methods"]["patcher"]["er"] = 0.25
+    table = tables.compare_table(["a", "b"], {"a": base, "b": wide})
+    header, _, row_a, row_b = table.splitlines()
+    assert header.split(" | ")[1] == "`memory_margin`" and header.count("`") == 2  # the one setting that differs
+    assert "| 99.0 |" in row_b and "| 0.250 |" in row_b and "| 0.250 |" not in row_a
+    with pytest.raises(tables.TableError, match="no result file missing"):
+        tables.compare_table(["a", "missing"], {"a": base})
