@@ -34,28 +34,6 @@ def test_readme_shows_every_committed_result():
         assert f"| `{stem}` |" in scale
 
 
-def _scale_run(modes: dict, command_modes: str, device_name: str = "GPU X") -> dict:
-    return {"benchmark": "scale", "shape": "8b", "device": "cuda", "device_name": device_name, "dtype": "bfloat16",
-            "model": {"parameters": 7_000_000_000}, "memory": {"build_s": 1.0, "queries": 10}, "compile": "default",
-            "command": f"python -m benchmarks.scale --modes {command_modes}", "modes": modes}
-
-
-def test_scale_table_rows_ratios_and_missing_modes():
-    mode = lambda ms: {"ms_per_step": ms, "s_per_edit": 0.1, "fixed": 2, "edits": 2, "already_correct": 0,  # noqa: E731
-                       "peak_gpu_mb": 5.0}
-    runs = {"a": _scale_run({"cached": mode(4.0), "full": mode(80.0)}, "cached,full,compiled"),
-            "b": _scale_run({"compiled": mode(2.0)}, "compiled"),
-            "c": _scale_run({"compiled": mode(2.0)}, "compiled", device_name="GPU Y"),
-            "d": _scale_run({"cached": mode(1.0), "full": {"error": "RuntimeError: boom"}}, "cached,full")}
-    rows = {tuple(c.strip() for c in line.split("|")[1:5:3]): line
-            for line in tables.scale_table(runs).splitlines()[2:]}
-    assert "| 20.0× |" in rows[("`a`", "cached")]
-    assert "no result: the run ended during this mode" in rows[("`a`", "compiled (default)")]
-    assert "| 40.0× (full from `a`) |" in rows[("`b`", "compiled (default)")]
-    assert "| — |" in rows[("`c`", "compiled (default)")].split("2.00", 1)[1][:6]  # another GPU: no ratio
-    assert "failed: RuntimeError: boom" in rows[("`d`", "full")] and "| — |" in rows[("`d`", "cached")]
-
-
 def test_check_catches_a_number_typed_by_hand(tmp_path, capsys):
     readme = tmp_path / "README.md"
     good = tables.render(tables.README.read_text(encoding="utf-8"), RESULTS)

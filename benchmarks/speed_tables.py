@@ -1,0 +1,95 @@
+"""The speed benchmarks' tables in benchmarks/README.md: ``patch-cost`` (``python -m
+benchmarks.patch_cost``: latency and memory with N patches) and ``scale`` (``python -m
+benchmarks.scale``: ms per training step on LLM shapes). ``benchmarks.tables`` renders them."""
+
+from __future__ import annotations
+
+from benchmarks.table_format import markdown_table as _table
+from benchmarks.table_format import num as _num
+
+
+def patch_cost_results(results: dict[str, dict]) -> dict[str, dict]:
+    return {stem: r for stem, r in results.items() if r.get("benchmark") == "patch-cost"}
+
+
+def scale_results(results: dict[str, dict]) -> dict[str, dict]:
+    return {stem: r for stem, r in results.items() if r.get("benchmark") == "scale"}
+
+
+def _mb(v) -> str:
+    return "—" if v is None else f"{v / 2**20:,.1f}"
+
+
+def patch_cost_table(results: dict[str, dict]) -> str:
+    """``python -m benchmarks.patch_cost`` results: latency and memory of each variant of each model."""
+    header = ["result", "model", "patches (neurons)", "device, dtype, threads", "variant", "batch 1: ms (× base)",
+              "batch 32: ms (× base)", "weights MB (of which patches)", "RSS growth MB", "CUDA peak MB",
+              "folded = unfolded predictions"]
+    rows = []
+    for stem, r in patch_cost_results(results).items():
+        for name, m in r["models"].items():
+            for variant, v in m["variants"].items():
+                lat = []
+                for b in r["batch_sizes"]:
+                    ratio = "" if variant == "base" else f" ({m['overhead'][f'{variant}_batch{b}']:.3f}×)"
+                    lat.append(f"{v[f'batch{b}']['median_ms']:.2f}{ratio}")
+                check = m["folded_vs_unfolded"]
+                agree = (f"{_num(check['predictions_equal'])} ({check['inputs']:,} inputs)"
+                         if variant == "folded" else "")
+                rows.append([f"`{stem}`", name, f"{m['patches']:,} ({m['neurons']:,})",
+                             f"{r['device']}, {r['dtype']}, {r['threads']}", variant, *lat,
+                             f"{_mb(v['parameter_bytes'] + v['buffer_bytes'])} ({_mb(v['patch_bytes'])})",
+                             _mb(v["rss_delta_bytes"]), _mb(v.get("cuda_peak_bytes")), agree])
+    if not rows:
+        rows.append(["not run yet"] + ["—"] * (len(header) - 1))
+    return _table(header, rows)
+
+
+def _scale_modes_asked(result: dict) -> list[str]:
+    """The modes the run's command asked for (the default: cached, full), in its order."""
+    words = result["command"].split()
+    asked = words[words.index("--modes") + 1].split(",") if "--modes" in words else ["cached", "full"]
+    return [m for m in asked if m]
+
+
+def scale_table(results: dict[str, dict]) -> str:
+    """``python -m benchmarks.scale`` results: one row per mode. A mode the command asked for but the
+    file lacks is shown as such (the process ended during it). "full ÷ this" compares with the full
+    mode of the same file, else with that of another file of the same shape, device kind and dtype
+    (named in the cell)."""
+    header = ["result", "shape (parameters)", "device, dtype", "mode", "ms / step", "full ÷ this", "s / edit",
+              "fixed", "memory build s (queries)", "peak GPU MB", "profiled edit: launches, syncs, .item() per step",
+              "profiled edit: device busy / wall ms"]
+    runs = scale_results(results)
+    fulls = {}
+    for stem, r in runs.items():
+        full = r["modes"].get("full", {}).get("ms_per_step")
+        if full:
+            fulls.setdefault((r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"]), (stem, full))
+    rows = []
+    for stem, r in runs.items():
+        where = f"{r.get('device_name') or r['device']}, {r['dtype']}"
+        shape = f"{r['shape']} ({r['model']['parameters'] / 1e9:.2f}B)"
+        build = f"{r['memory']['build_s']:.1f} ({r['memory']['queries']:,})"
+        for mode in _scale_modes_asked(r):
+            m = r["modes"].get(mode)
+            label = mode + (f" ({r['compile']})" if mode == "compiled" and r.get("compile") else "")
+            if m is None or "error" in m:
+                why = "no result: the run ended during this mode" if m is None else f"failed: {m['error'][:80]}"
+                rows.append([f"`{stem}`", shape, where, label, why] + ["—"] * (len(header) - 5))
+                continue
+            own = r["modes"].get("full", {}).get("ms_per_step")
+            full_stem, full = (stem, own) if own or "full" in r["modes"] else \
+                fulls.get((r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"]), (None, None))
+            ratio = "—" if mode == "full" or not full else \
+                f"{full / m['ms_per_step']:.1f}×" + ("" if full_stem == stem else f" (full from `{full_stem}`)")
+            prof = m.get("profile")
+            counts = "—" if not prof else \
+                f"{prof['launches_per_step']:.0f}, {prof['syncs_per_step']:.2f}, {prof['items_per_step']:.2f}"
+            busy = "—" if not prof or prof["device_busy_ms"] is None else f"{prof['device_busy_ms']:.0f} / {prof['wall_ms']:.0f}"
+            rows.append([f"`{stem}`", shape, where, label, f"{m['ms_per_step']:.2f}", ratio, f"{m['s_per_edit']:.3f}",
+                         f"{m['fixed']}/{m['edits'] - m['already_correct']}", build, _num(m["peak_gpu_mb"], 0),
+                         counts, busy])
+    if not rows:
+        rows.append(["not run yet"] + ["—"] * (len(header) - 1))
+    return _table(header, rows)
