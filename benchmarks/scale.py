@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     texts = sentences(args.memory, rng)
     requests = [EditRequest(f"e{i}", s, " " + " ".join(rng.choice(WORDS) for _ in range(2)))
                 for i, s in enumerate(sentences(args.edits, rng))]
-    profile_request = EditRequest("profiled", sentences(1, rng)[0], " " + " ".join(rng.choice(WORDS) for _ in range(2)))
+    profile_request = (EditRequest("profiled", sentences(1, rng)[0], " " + " ".join(rng.choice(WORDS) for _ in range(2)))
+                       if args.profile else None)
 
     builder = Editor(model, tok, PatcherConfig(memory_size=10**9, seed=args.seed))
     sync(device)
@@ -248,8 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     failed = []
     for mode in modes:
         try:
-            result["modes"][mode] = run_mode(model, tok, mode, memory, requests, args, device,
-                                              profile_request if args.profile else None)
+            result["modes"][mode] = run_mode(model, tok, mode, memory, requests, args, device, profile_request)
         except Exception as exc:  # a benchmark of several modes keeps what the others measured
             failed.append(mode)
             result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}

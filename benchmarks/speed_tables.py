@@ -61,13 +61,15 @@ def scale_table(results: dict[str, dict]) -> str:
               "fixed", "memory build s (queries)", "peak GPU MB", "profiled edit: launches, syncs, .item() per step",
               "profiled edit: device busy / wall ms"]
     runs = scale_results(results)
+    setup = lambda r: (r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"])  # noqa: E731
+    own_full = {stem: r["modes"].get("full", {}).get("ms_per_step") for stem, r in runs.items()}
     fulls = {}
     for stem, r in runs.items():
-        full = r["modes"].get("full", {}).get("ms_per_step")
-        if full:
-            fulls.setdefault((r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"]), (stem, full))
+        if own_full[stem]:
+            fulls.setdefault(setup(r), (stem, own_full[stem]))
     rows = []
     for stem, r in runs.items():
+        full_stem, full = (stem, own_full[stem]) if "full" in r["modes"] else fulls.get(setup(r), (None, None))
         where = f"{r.get('device_name') or r['device']}, {r['dtype']}"
         shape = f"{r['shape']} ({r['model']['parameters'] / 1e9:.2f}B)"
         build = f"{r['memory']['build_s']:.1f} ({r['memory']['queries']:,})"
@@ -78,9 +80,6 @@ def scale_table(results: dict[str, dict]) -> str:
                 why = "no result: the run ended during this mode" if m is None else f"failed: {m['error'][:80]}"
                 rows.append([f"`{stem}`", shape, where, label, why] + ["—"] * (len(header) - 5))
                 continue
-            own = r["modes"].get("full", {}).get("ms_per_step")
-            full_stem, full = (stem, own) if own or "full" in r["modes"] else \
-                fulls.get((r["shape"], r.get("device_name"), r["dtype"], r["model"]["parameters"]), (None, None))
             ratio = "—" if mode == "full" or not full else \
                 f"{full / m['ms_per_step']:.1f}×" + ("" if full_stem == stem else f" (full from `{full_stem}`)")
             prof = m.get("profile")

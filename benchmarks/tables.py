@@ -129,9 +129,7 @@ def point_table(t: int, stems: list[str], results: dict[str, dict]) -> str:
               "neurons", "edit seconds"]
     rows = []
     for stem in stems:
-        if stem not in sme_results(results):
-            raise TableError(f"table point:{t}: no result file {stem}.json")
-        point = next((p for p in results[stem]["methods"]["patcher"]["series"] if p["t"] == t), None)
+        point = next((p for p in sme_run(results, stem, f"point:{t}")["methods"]["patcher"]["series"] if p["t"] == t), None)
         if point is None:
             raise TableError(f"table point:{t}: {stem}.json has no series point at item {t}")
         rows.append([f"`{stem}`", f"{point['edits']:,} ({t - point['edits']:,})", _num(point["sr"]), _num(point["er"]),
@@ -142,10 +140,7 @@ def point_table(t: int, stems: list[str], results: dict[str, dict]) -> str:
 
 def compare_table(stems: list[str], results: dict[str, dict]) -> str:
     """Several runs' patcher side by side, with the patcher settings in which they differ."""
-    missing = [stem for stem in stems if stem not in sme_results(results)]
-    if missing:
-        raise TableError(f"table compare: no result file {missing[0]}.json")
-    configs = [results[stem]["methods"]["patcher"]["config"]["patcher"] for stem in stems]
+    configs = [sme_run(results, stem, "compare")["methods"]["patcher"]["config"]["patcher"] for stem in stems]
     differ = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
     header = ["result", *(f"`{k}`" for k in differ), "SR", "ER", "GR", "test broken (retained)", "neighbour retained",
               "median steps", "edit seconds"]
@@ -258,16 +253,20 @@ def sme_results(results: dict[str, dict]) -> dict[str, dict]:
     return {stem: r for stem, r in results.items() if "methods" in r}
 
 
+def sme_run(results: dict[str, dict], stem: str, table_name: str) -> dict:
+    """The SME run of that file stem, which table ``table_name`` names; a TableError if there is none."""
+    if stem not in sme_results(results):
+        raise TableError(f"table {table_name}: no result file {stem}.json")
+    return results[stem]
+
+
 def table(name: str, results: dict[str, dict]) -> str:
     simple = {"setup": setup_table, "runs": runs_table, "faithful": faithful_table, "targets": targets_table,
               "commands": commands_block, "patch-cost": patch_cost_table, "scale": scale_table}
     if name in simple:
         return simple[name](results)
     if name.startswith("series:"):
-        stem = name.split(":", 1)[1]
-        if stem not in sme_results(results):
-            raise TableError(f"table {name!r}: no result file {stem}.json")
-        return series_table(results[stem])
+        return series_table(sme_run(results, name.split(":", 1)[1], name))
     if name.startswith("compare:"):  # compare:<stem>,<stem>,...
         return compare_table(name.split(":", 1)[1].split(","), results)
     if name.startswith("point:"):  # point:<t>:<stem>,<stem>,...
