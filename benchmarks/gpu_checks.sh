@@ -8,7 +8,9 @@
 #   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 9 minutes
 #
 # Runs the scale benchmark (cached, full-forward and compiled (torch.compile), in that order, bf16,
-# one profiled edit per mode) at the 1.1B and 8B shapes, each shape under its own time limit, and
+# one profiled edit per mode, then --lifecycle: the patch set applied to a copy of the base, the
+# model folded, the edits removed, each checked on the GPU) at the 1.1B and 8B shapes, each shape
+# under its own time limit, and
 # writes the JSON and the log to $OUT (the device tool's return folder), else to benchmarks/results/.
 # The JSON is rewritten after each mode, so a limit or a failing mode keeps what ran before it.
 # Commit the JSON files it brings back.
@@ -49,7 +51,7 @@ status=0
 for shape_limit in 1.1b:230 8b:270; do
   shape=${shape_limit%%:*}
   timeout "${shape_limit##*:}" python3 -m benchmarks.scale --shape "$shape" --device cuda --dtype bfloat16 \
-    --modes cached,full,compiled --profile --tokenizer .gpu/tokenizer --out "$out/scale-$shape-cuda-bfloat16.json" \
+    --modes cached,full,compiled --profile --lifecycle --tokenizer .gpu/tokenizer --out "$out/scale-$shape-cuda-bfloat16.json" \
     2>&1 | tee "$out/scale-$shape-cuda-bfloat16.log" || status=1
 done
 exit $status

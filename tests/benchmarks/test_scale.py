@@ -76,3 +76,34 @@ def test_a_failing_mode_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["modes"]["full"] == {"error": "RuntimeError: injected fault"}
     assert data["modes"]["cached"]["ms_per_step"] > 0 and "full_over_cached_step" not in data
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lifecycle_checks_apply_fold_and_remove_on_the_device(tmp_path):
+    """--lifecycle (bf16 on the CPU here, the GPU script's dtype): kept edits, the patch set applied
+    to a copy of the base gives the patched logits bit for bit, the folded model serves every fixed
+    edit, and removing them all gives the base back bit for bit."""
+    out = tmp_path / "scale.json"
+    scale.main(TINY + ["--dtype", "bfloat16", "--modes", "cached", "--lifecycle", "--out", str(out)])
+    life = json.loads(out.read_text())["lifecycle"]
+    assert life["ok"] is True and life["fixed"] >= 1 and life["neurons"] >= life["fixed"]
+    assert life["fixed_as_served"] == life["folded_fixed_as_served"] == life["fixed"]
+    assert life["applied_equals_patched"] and life["removed_equals_base"] and life["patched_differs_from_base"]
+    assert 0 <= life["folded_max_abs_diff"] and 0 < life["folded_argmax_agreement"] <= 1
+
+
+def test_a_failing_lifecycle_check_exits_non_zero_and_keeps_the_rest(tmp_path, monkeypatch):
+    """A patch set that loads wrong (a fault injected into PatchSet.apply) is caught, recorded,
+    and the command exits 1 with the modes' figures written."""
+    from patcher import PatchSet
+
+    def broken_apply(self, model, check_base=True):
+        return model  # nothing applied: the copy keeps the base's logits
+
+    monkeypatch.setattr(PatchSet, "apply", broken_apply)
+    out = tmp_path / "scale.json"
+    with pytest.raises(SystemExit, match="lifecycle failed"):
+        scale.main(TINY + ["--modes", "cached", "--lifecycle", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["lifecycle"]["ok"] is False and data["lifecycle"]["applied_equals_patched"] is False
+    assert data["modes"]["cached"]["ms_per_step"] > 0
