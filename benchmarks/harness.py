@@ -154,6 +154,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
             sr_flags.append(ok)
             gr_flags.extend(gr)
             row.update(success=ok, reported_fixed=bool(result.fixed), gr_correct=sum(gr), gr_total=len(gr),
+                       gr=[bool(g) for g in gr],  # per held-out paraphrase, in the item's order (by template)
                        seconds=seconds, steps=result.steps, neurons=result.neurons,
                        losses={k: round(v, 5) for k, v in (result.losses or {}).items()})
             if settings.progress:

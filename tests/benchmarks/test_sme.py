@@ -63,6 +63,10 @@ def test_json_structure(result, tmp_path):
     for name, res in data["methods"].items():
         assert res["edited"] + res["fixed_before_edit"] == res["stream"]
         assert len(res["edits"]) == res["stream"]
+        for row in res["edits"]:  # each held-out paraphrase's verdict, in the item's order
+            if not row["fixed_before_edit"]:
+                assert len(row["gr"]) == row["gr_total"] and sum(row["gr"]) == row["gr_correct"]
+        assert sum(len(r.get("gr", [])) for r in res["edits"]) == res["gr_paraphrases"]
         assert res["series"] and res["series"][-1]["t"] == res["stream"]
         for point in res["series"]:
             for k in ("sr", "gr", "er", "test_retained"):
