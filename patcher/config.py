@@ -35,7 +35,8 @@ class PatcherConfig(BaseModel):
     amplifier: float = 10.0
     act_margin: float = 0.0
     act_topk: int = 5
-    memory_margin: float = 3.0
+    memory_margin: float | None = Field(None, description="memory loss margin; None: matched to the model's "
+                                        "activation (3 for GELU and ReLU, 8 for SiLU; see training.matched_margin) (ours)")
     memory_topk: int = 1000
     act_loss_weight: float = 1.0
     memory_loss_weight: float | None = Field(None, description="None: 5 for classification, 10 for generation")

@@ -1,11 +1,10 @@
 """Transformer-Patcher: fix one mistake by adding and training one neuron (per wrong token).
 
-The base model is frozen. For each mistake we add neurons to the last FFN and train only them,
-with the edit loss (the right output), the activation loss (fire on the mistake and its
-paraphrases) and the memory loss (stay below the edit, and below -margin, on the cached queries
-of unrelated inputs and of every earlier edit). ``edit`` reads top to bottom: encode, capture,
-pick the wrong positions, train (``steps.CachedStep`` or ``steps.FullStep`` driven by
-``training.train``), add the block, check it on the real model, remember its queries.
+The base model is frozen. For each mistake we add neurons to the last FFN and train only them, with the
+edit loss (the right output), the activation loss (fire on the mistake and its paraphrases) and the memory
+loss (stay below the edit, and below -margin, on the cached queries of unrelated inputs and of every earlier
+edit). ``edit`` reads top to bottom: encode, capture, pick the wrong positions, train (``steps.CachedStep``
+or ``steps.FullStep`` driven by ``training.train``), add the block, check it on the real model, remember its queries.
 
 Generators are edited as served: a decoder-only answer is trained followed by a stop token, and
 an edit is fixed only if greedy generation gives the answer and stops (``train_stop``).
@@ -35,7 +34,7 @@ from .families import Family, get_path, has_dropout, resolve_family
 from .layer import PatchedFFN
 from .predict import predict, served_correct, target_correct
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
-from .training import Objective, train
+from .training import Objective, matched_margin, train
 
 
 @dataclass
@@ -103,6 +102,8 @@ class Editor:
         self._fingerprint: str | None = None
         self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
         self._has_dropout = has_dropout(model)
+        if self.config.memory_margin is None:
+            matched_margin(self.ffn.act)  # an activation no margin can silence is refused here, not at the first edit
 
     # ------------------------------------------------------------------ queries and memory
     @property
@@ -353,10 +354,9 @@ class Editor:
     def _training_batches(self, cap: Captured, variants: list[Encoded], n_pos: int, seed: int):
         """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d).
 
-        Every batch holds the mistake and its paraphrases without dropout. With dropout in the
-        model, each of ``dropout_rounds`` batches adds a dropout sample of the reference's batch
-        (the mistake ``batch_size - 1`` more times, the paraphrases once); steps cycle through
-        them, as the reference draws fresh masks at every step."""
+        Every batch holds the mistake and its paraphrases without dropout. With dropout in the model, each of
+        ``dropout_rounds`` batches adds a dropout sample of the reference's batch (the mistake ``batch_size - 1``
+        more times, the paraphrases once); steps cycle through them, as the reference draws fresh masks each step."""
         c = self.config
         clean = (cap.q, cap.resid, cap.y)
         rounds = [clean]

@@ -1,8 +1,9 @@
 """The losses, the leak bound and the training loop shared by both step functions.
 
 Losses: the edit loss (the right output), the activation loss (fire on the mistake and its
-paraphrases: ``mean(topk(exp(act_margin - z)))``) and the memory loss (stay ``memory_margin``
-below the edit, and below ``-memory_margin``, on the memory's highest rows). ``loss_topk``
+paraphrases: ``mean(topk(exp(act_margin - z)))``) and the memory loss (stay the memory margin
+below the edit, and below minus it, on the memory's highest rows; ``matched_margin`` when
+``memory_margin`` is None). ``loss_topk``
 "pooled" takes each top-k over every (memory row, batch row, neuron) at once, as the reference does.
 
 Stopping (``stop_rule``): ours stops on the leak bound or our patience rules; the reference's
@@ -29,6 +30,33 @@ from .errors import SetupError
 from .steps import CachedStep, FullStep, Params, StepOut, preactivation
 
 
+# The matched memory margin holds the most a neuron can pass to an input at or below -margin to
+# this share of its activation at 1: what the reference's margin of 3 gives GELU (0.48 %).
+MARGIN_LEAK = 0.005
+MARGIN_FLOOR = 3.0  # never below the reference classifier's margin: the gap to the edit is selectivity too
+
+
+def leak_envelope(act: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid, env): max |act(z')| over z' <= z, tabulated on z in [-30, 30] in steps of 0.01."""
+    grid = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float32, device=device)
+    return grid, act(grid).abs().cummax(0).values
+
+
+@functools.lru_cache(maxsize=64)  # per activation module: once per editor, not once per edit
+def matched_margin(act: nn.Module) -> float:
+    """The smallest whole margin m >= 3 at which max |act(z)| over z <= -m is at most
+    ``MARGIN_LEAK`` of |act(1)|: 3 for GELU (|gelu(-3)| = 0.004) and ReLU, 8 for SiLU (|silu(-7)|
+    = 0.006: hundreds of nearly silent neurons add up)."""
+    with torch.no_grad():
+        grid, env = leak_envelope(act, torch.device("cpu"))
+        unit = act(grid.new_ones(1)).abs().item()
+    ok = (env <= MARGIN_LEAK * unit).nonzero()
+    if not len(ok) or grid[ok[-1, 0]] < -29:
+        raise SetupError(f"the activation {type(act).__name__} leaks more than {MARGIN_LEAK:.1%} of |act(1)| at "
+                         "every margin up to 29: set memory_margin explicitly")
+    return max(MARGIN_FLOOR, float(math.ceil(-grid[ok[-1, 0]].item() - 1e-4)))
+
+
 def topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the k largest entries along dim 0, per column: (N, n) -> (n,)."""
     if k >= values.shape[0]:
@@ -42,8 +70,8 @@ class Objective:
     def __init__(self, config, task: str, act: nn.Module, gated: bool, device: torch.device):
         self.config, self.task, self.act, self.gated = config, task, act, gated
         # Envelope of the activation, max |act(z')| over z' <= z, tabulated once on the device.
-        self._grid = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float32, device=device)
-        self._env = act(self._grid).abs().cummax(0).values
+        self._grid, self._env = leak_envelope(act, device)
+        self.margin = config.memory_margin if config.memory_margin is not None else matched_margin(act)
 
     def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -76,7 +104,7 @@ class Objective:
             return self.memory_loss(zm, z_rows[0])
         if zm.shape[0] == 0:
             return zm.new_zeros(())
-        m, k = self.config.memory_margin, self.config.memory_topk
+        m, k = self.margin, self.config.memory_topk
         rows = z_rows.shape[0]
         l1 = torch.exp(zm[:, None, :] - z_rows[None] + m).flatten()  # (k * R * n)
         l2 = torch.exp(zm + m)[:, None, :].expand(-1, rows, -1).flatten()  # each memory row once per batch row
@@ -85,7 +113,7 @@ class Objective:
     def memory_loss(self, zm: torch.Tensor, z_edit: torch.Tensor) -> torch.Tensor:
         if zm.shape[0] == 0:
             return zm.new_zeros(())
-        m, k = self.config.memory_margin, self.config.memory_topk
+        m, k = self.margin, self.config.memory_topk
         return topk_mean(torch.exp(zm - z_edit + m), k).mean() + topk_mean(torch.exp(zm + m), k).mean()
 
     @staticmethod

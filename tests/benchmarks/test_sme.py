@@ -165,7 +165,7 @@ def test_a_generation_task_judged_as_served():
     task = harness.Task(name="synthetic-qa", model=model, tokenizer=tok, edit_pool=pool, memory_texts=s[6:],
                         train_eval=[(t, " blue sky") for t in s[10:14]], test_eval=[(t, " the sun") for t in s[14:20]])
     result = sme.run_benchmark(task, n_edits=2, seed=0, methods=("patcher", "ft"),
-                               patcher_config={"memory_size": 200, "max_steps": 30}, ft_config={"max_steps": 3},
+                               patcher_config={"memory_size": 200, "max_steps": 120}, ft_config={"max_steps": 3},
                                every=1, progress=False)
     assert result["kind"] == "generation" and result["judge"] == "served"
     served = served_correct(model, tok, [it.input for it in pool], [it.target for it in pool])

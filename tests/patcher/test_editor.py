@@ -278,7 +278,7 @@ def test_patched_bert_in_a_text_classification_pipeline():
 def test_config_defaults_are_the_reference():
     c = PatcherConfig()
     assert (c.memory_size, c.max_steps, c.lr, c.weight_decay, c.grad_clip, c.batch_size) == (40_000, 2000, 1e-2, 0.01, 5.0, 8)
-    assert (c.amplifier, c.act_margin, c.act_topk, c.memory_margin, c.memory_topk) == (10.0, 0.0, 5, 3.0, 1000)
+    assert (c.amplifier, c.act_margin, c.act_topk, c.memory_margin, c.memory_topk) == (10.0, 0.0, 5, None, 1000)
     assert c.memory_weight("classification") == 5.0 and c.memory_weight("generation") == 10.0
     assert PatcherConfig(memory_loss_weight=2.0).memory_weight("generation") == 2.0
     assert c.max_neurons_per_edit == 5 and c.cached is True

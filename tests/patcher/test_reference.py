@@ -73,7 +73,7 @@ def test_our_defaults_are_unchanged():
     assert (c.value_init, c.loss_topk, c.label_smoothing_form, c.lr_scheduler, c.val_every, c.val_start) == (
         "ours", "per_neuron", "ours", None, None, 0)
     assert (c.stop_rule, c.memory_unit, c.edit_memory, c.keep_unfixed, c.cached, c.memory_margin) == (
-        "leak", "queries", "ours", False, True, 3.0)
+        "leak", "queries", "ours", False, True, None)
 
 
 # ---------------------------------------------------------------- the losses, against the reference's code

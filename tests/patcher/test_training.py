@@ -253,3 +253,47 @@ def test_compile_without_a_compiler_is_a_setup_error():
     finally:
         torch._dynamo.reset()
     assert "InvalidCxxCompiler" in str(info.value) and not editor.edit_ids
+
+
+# ---------------------------------------------------------------------------- the matched memory margin
+def test_matched_margin_holds_the_leak_to_its_share_of_a_unit_activation():
+    """None (the default) matches the margin to the activation: the smallest whole m >= 3 at which
+    nothing at or below -m gets more than MARGIN_LEAK of act(1); one less would leak more."""
+    from transformers.activations import ACT2FN
+
+    from patcher.training import MARGIN_LEAK, matched_margin
+
+    expected = {"gelu": 3.0, "gelu_new": 3.0, "relu": 3.0, "silu": 8.0}
+    for name, margin in expected.items():
+        act = ACT2FN[name]
+        assert matched_margin(act) == margin, name
+        z = torch.linspace(-40.0, -margin, 4001)
+        assert act(z).abs().max() <= MARGIN_LEAK * act(torch.ones(1)).abs()
+    silu = ACT2FN["silu"]  # SiLU's tail is why it needs more: at -7 it still passes more than the share
+    assert silu(torch.tensor(-7.0)).abs() > MARGIN_LEAK * silu(torch.ones(1)).abs()
+
+
+def test_the_margin_the_losses_use():
+    from patcher import PatcherConfig
+    from patcher.training import Objective
+
+    cpu = torch.device("cpu")
+    assert Objective(PatcherConfig(), "generation", torch.nn.SiLU(), False, cpu).margin == 8.0
+    assert Objective(PatcherConfig(), "classification", torch.nn.GELU(), False, cpu).margin == 3.0
+    assert Objective(PatcherConfig(memory_margin=5.0), "generation", torch.nn.SiLU(), False, cpu).margin == 5.0
+    assert Objective(PatcherConfig.reference("generation"), "generation", torch.nn.SiLU(), False, cpu).margin == 0.0
+    zm, z_edit = torch.zeros(4, 1), torch.ones(1)  # the loss reads the resolved margin
+    loss = Objective(PatcherConfig(), "generation", torch.nn.SiLU(), False, cpu).memory_loss(zm, z_edit)
+    assert torch.allclose(loss, torch.exp(torch.tensor(-1.0 + 8.0)) + torch.exp(torch.tensor(8.0)))
+
+
+def test_an_activation_no_margin_silences_is_refused_when_the_editor_is_made():
+    """tanh passes -1 to everything far below zero: no margin bounds the leak, so the editor says
+    so at once (and how to proceed) instead of failing at the first edit."""
+    from patcher import PatcherConfig, SetupError
+
+    model, tok = tiny.build("llama")
+    model.model.layers[-1].mlp.act_fn = torch.nn.Tanh()
+    with pytest.raises(SetupError, match="Tanh leaks.*set memory_margin explicitly"):
+        Editor(model, tok, PatcherConfig())
+    assert Editor(model, tok, PatcherConfig(memory_margin=3.0)).config.memory_margin == 3.0
