@@ -174,6 +174,12 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
     return out
 
 
+def failure(exc: Exception) -> dict:
+    """What a failed part of the run records (its traceback goes to stderr); the rest still runs."""
+    traceback.print_exc()
+    return {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
 def last_logits(model, tok, texts: list[str], device: torch.device) -> torch.Tensor:
     """(texts, vocab) fp32: each text's next-token logits, one text at a time (no padding)."""
     with torch.no_grad():
@@ -206,9 +212,12 @@ def lifecycle(model, tok, memory, requests: list[EditRequest], probes: list[str]
     del fresh
     folded = editor.folded()
     folded_logits = last_logits(folded, tok, texts, device)
-    folded_fixed = served_correct(folded, tok, [r.input for r in fixed], [r.target for r in fixed]) if fixed else []
+    def served_right(m) -> list[bool]:
+        return served_correct(m, tok, [r.input for r in fixed], [r.target for r in fixed]) if fixed else []
+
+    folded_fixed = served_right(folded)
     del folded
-    served = served_correct(model, tok, [r.input for r in fixed], [r.target for r in fixed]) if fixed else []
+    served = served_right(model)
     for edit_id in list(editor.edit_ids):
         editor.remove(edit_id)
     out = {
@@ -309,8 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["modes"][mode] = run_mode(model, tok, mode, memory, requests, args, device, profile_request)
         except Exception as exc:  # a benchmark of several modes keeps what the others measured
             failed.append(mode)
-            result["modes"][mode] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-            traceback.print_exc()
+            result["modes"][mode] = failure(exc)
         for fast in ("cached", "compiled"):
             full, quick = (result["modes"].get(m, {}).get("ms_per_step") for m in ("full", fast))
             if full and quick:
@@ -323,8 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
                 failed.append("lifecycle")
         except Exception as exc:
             failed.append("lifecycle")
-            result["lifecycle"] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "ok": False}
-            traceback.print_exc()
+            result["lifecycle"] = {**failure(exc), "ok": False}
         out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("shape", "device", "dtype", "memory", "modes", "lifecycle") if k in result},
                      indent=2))
