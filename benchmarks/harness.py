@@ -34,6 +34,7 @@ class Item:
     input: str
     target: int | str
     paraphrases: list[str] = field(default_factory=list)
+    paraphrase_kinds: list[str] = field(default_factory=list)  # what each paraphrase is (its template, ...)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Task:
     test_eval: list[Pair]
     neighbours: Callable[[Item], list[Pair]] = lambda item: []
     kl_texts: list[str] | None = None
+    wording_items: list[Item] = field(default_factory=list)  # facts in no stream, with their other wordings
     info: dict = field(default_factory=dict)
 
     def fresh(self):
@@ -114,10 +116,45 @@ class RunSettings:
 
 def split_paraphrases(item: Item, gr_mode: str) -> tuple[list[str], list[str]]:
     """(trained on, measured for GR)."""
+    return _halves(item.paraphrases, gr_mode)
+
+
+def kinds_of(item: Item) -> list[str]:
+    """The kind of each paraphrase, in order ("paraphrase" where the task gives none)."""
+    return list(item.paraphrase_kinds) + ["paraphrase"] * (len(item.paraphrases) - len(item.paraphrase_kinds))
+
+
+def held_out_kinds(item: Item, gr_mode: str) -> list[str]:
+    """The kind of each paraphrase measured for GR, in order."""
+    return _halves(kinds_of(item), gr_mode)[1]
+
+
+def rates_by_kind(kinds: Sequence[str], flags: Sequence[bool]) -> dict[str, dict]:
+    """{kind: {correct, total, rate}} in first-seen order of the kinds."""
+    by: dict[str, list[bool]] = {}
+    for kind, flag in zip(kinds, flags):
+        by.setdefault(kind, []).append(bool(flag))
+    return {k: {"correct": sum(v), "total": len(v), "rate": metrics.rate(v)} for k, v in by.items()}
+
+
+def wording_consistency(task: Task, judge: Judge) -> dict:
+    """The base model's own consistency across wordings: of the ``task.wording_items`` it gets right
+    in their main wording, the share it also gets right in each other wording, per kind. What GR
+    per kind is read against: an edit can hardly be expected to carry over to a wording in which
+    the model does not answer even the facts it knows."""
+    items = task.wording_items
+    main = judge.correct(task.model, task.tokenizer, [(i.input, i.target) for i in items])
+    known = [i for i, ok in zip(items, main) if ok]
+    kinds = [k for i in known for k in kinds_of(i)]
+    flags = judge.correct(task.model, task.tokenizer, [(p, i.target) for i in known for p in i.paraphrases])
+    return {"items": len(items), "main_correct": len(known), "by_kind": rates_by_kind(kinds, flags)}
+
+
+def _halves(seq: Sequence, gr_mode: str) -> tuple[list, list]:
     if gr_mode == "heldout":
-        return [], list(item.paraphrases)
+        return [], list(seq)
     if gr_mode == "half":
-        return item.paraphrases[0::2], item.paraphrases[1::2]
+        return list(seq[0::2]), list(seq[1::2])
     raise ValueError(f"gr_mode must be 'heldout' or 'half', got {gr_mode!r}")
 
 
@@ -137,6 +174,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     edited: list[Item] = []
     sr_flags: list[bool] = []
     gr_flags: list[bool] = []
+    gr_kinds: list[str] = []
     snapshots: dict[int, dict] = {}
     t_run = time.perf_counter()
     for t, item in enumerate(tqdm(stream, desc=name, unit="item", disable=not settings.progress), start=1):
@@ -153,6 +191,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
             edited.append(item)
             sr_flags.append(ok)
             gr_flags.extend(gr)
+            gr_kinds.extend(held_out_kinds(item, settings.gr_mode))
             row.update(success=ok, reported_fixed=bool(result.fixed), gr_correct=sum(gr), gr_total=len(gr),
                        gr=[bool(g) for g in gr],  # per held-out paraphrase, in the item's order (by template)
                        seconds=seconds, steps=result.steps, neurons=result.neurons,
@@ -194,6 +233,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
         "sr": metrics.success_rate(sr_flags),
         "gr": metrics.generalization_rate(gr_flags),
         "gr_paraphrases": len(gr_flags),
+        "gr_by_kind": rates_by_kind(gr_kinds, gr_flags),
         "er": metrics.edit_retain_rate(er),
         "er_stream": metrics.edit_retain_rate(er_stream),
         "train_acc_base": base.acc("train"), "train_acc": train_acc,

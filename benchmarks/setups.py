@@ -33,7 +33,11 @@ def factcheck_task(cache_dir: Path, data_seed: int = 0, train_sample: int = 1000
     folder = prepare_base_model(cache_dir, seed=data_seed, data=data)
     model, tok = load_model(folder)
     by_id = {c.claim_id: c for c in data.edit}
-    pool = [Item(c.claim_id, c.text, c.label, list(c.equivalents)) for c in data.edit]
+
+    def as_item(c: fc.Claim) -> Item:
+        return Item(c.claim_id, c.text, c.label, list(c.equivalents), c.equivalent_kinds)
+
+    pool = [as_item(c) for c in data.edit]
     texts = [t for c in data.train for t in (c.text, *c.equivalents)]
     n_texts = len(texts)
     texts = _sample(texts, memory_size, f"sme-memory:{data_seed}")  # classification: one query per text
@@ -45,6 +49,7 @@ def factcheck_task(cache_dir: Path, data_seed: int = 0, train_sample: int = 1000
         name="fact-check", model=model, tokenizer=tok, edit_pool=pool, memory_texts=texts,
         train_eval=[(c.text, c.label) for c in _sample(data.train, train_sample, f"sme-train:{data_seed}")],
         test_eval=[(c.text, c.label) for c in data.test], neighbours=neighbours,
+        wording_items=[as_item(c) for c in data.test],
         info={"model": str(folder), "data_seed": data_seed, "data_kwargs": data_kwargs or {},
               "memory_texts_available": n_texts,
               "splits": {n: len(data.split(n)) for n in fc.SPLITS},
@@ -80,9 +85,13 @@ def qa_task(cache_dir: Path, data_seed: int = 0, memory_size: int = 40_000) -> T
         src = edit_by_id[item.id]
         return [(it.prompt, it.target) for it in by_country.get(src.country, []) if it.fact_id != src.fact_id][:20]
 
+    def as_item(it) -> Item:
+        return Item(it.fact_id, it.prompt, it.target, list(it.paraphrases), it.paraphrase_kinds)
+
     return Task(
         name="qa", model=model, tokenizer=tok,
-        edit_pool=[Item(it.fact_id, it.prompt, it.target, list(it.paraphrases)) for it in data.edit_pool],
+        edit_pool=[as_item(it) for it in data.edit_pool],
+        wording_items=[as_item(it) for it in data.locality_pool],
         memory_texts=texts,
         kl_texts=[p for it in mem_facts for p in (it.prompt, *it.paraphrases)],
         train_eval=[(it.prompt, it.target) for it in mem_facts],

@@ -11,8 +11,8 @@ run; a result file with ``"superseded_by"`` is kept for the record but never rea
 ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream),
 ``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``), ``scale``
 (ms per training step on LLM shapes, ``python -m benchmarks.scale``), ``point:<t>:<stem>,<stem>``
-(runs compared at item t of their series) or ``compare:<stem>,<stem>`` (runs side by side, with the
-patcher settings they differ in).
+(runs compared at item t of their series), ``compare:<stem>,<stem>`` (runs side by side, with the
+patcher settings they differ in) or ``gr-kinds:<stem>,<stem>`` (GR per kind of held-out paraphrase).
 """
 
 from __future__ import annotations
@@ -154,6 +154,38 @@ def compare_table(stems: list[str], results: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def consistency_results(results: dict[str, dict]) -> dict[str, dict]:
+    return {stem: r for stem, r in results.items() if r.get("benchmark") == "consistency"}
+
+
+def gr_kinds_table(stems: list[str], results: dict[str, dict]) -> str:
+    """GR per kind of held-out paraphrase (a template, or an alternate name), one column per run,
+    and beside them the base model's own consistency in each wording (``benchmarks.consistency``)
+    for the same task, data and judge, where it was measured."""
+    runs = [sme_run(results, stem, "gr-kinds") for stem in stems]
+    for stem, r in zip(stems, runs):
+        if "gr_by_kind" not in r["methods"]["patcher"]:
+            raise TableError(f"table gr-kinds: {stem}.json records no GR per kind (a run before gr_by_kind)")
+    first = runs[0]
+    base = next(((stem, c) for stem, c in consistency_results(results).items()
+                 if c["task"] == first["task"] and (kind(first) == "classification" or c["judge"] == judge(first))
+                 and c["data_seed"] == first.get("task_info", {}).get("data_seed", 0)), None)
+    by_kind = [r["methods"]["patcher"]["gr_by_kind"] for r in runs] + ([base[1]["by_kind"]] if base else [])
+    kinds = list(dict.fromkeys(k for b in by_kind[: len(runs)] for k in b))
+
+    def cell(b: dict, kind: str | None) -> str:
+        v = b.get(kind) if kind else {"correct": sum(x["correct"] for x in b.values()),
+                                       "total": sum(x["total"] for x in b.values())}
+        return f"{_num(v['correct'] / v['total'])} ({v['correct']:,} of {v['total']:,})" if v and v["total"] else ""
+
+    rows = [[f"`{k}`"] + [cell(b, k) for b in by_kind] for k in kinds]
+    rows.append(["all"] + [cell(b, None) for b in by_kind[: len(runs)]] + ([""] if base else []))
+    header = ["held-out paraphrase", *(f"GR `{s}`" for s in stems)]
+    if base:
+        header.append(f"base model, facts it knows (`{base[0]}`)")
+    return _table(header, rows)
+
+
 def commands_block(results: dict[str, dict]) -> str:
     lines = [f"{r['command']}  # {stem}" for stem, r in results.items() if r.get("command")]
     return "```bash\n" + "\n".join(lines) + "\n```\n"
@@ -241,12 +273,13 @@ def targets_table(results: dict[str, dict]) -> str:
 # -------------------------------------------------------------------------------- README
 def load_results(folder: Path = RESULTS) -> dict[str, dict]:
     """The result files under ``folder`` that tables here render, by file stem, in name order: SME
-    runs (``python -m benchmarks.sme``: a JSON file with ``methods``) and patch-cost runs
-    (``"benchmark": "patch-cost"``) and scale runs (``"benchmark": "scale"``); other files there are
+    runs (``python -m benchmarks.sme``: a JSON file with ``methods``), patch-cost runs
+    (``"benchmark": "patch-cost"``), scale runs (``"benchmark": "scale"``) and the base model's
+    consistency across wordings (``"benchmark": "consistency"``); other files there are
     left to their own tables."""
     found = {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
     return {stem: r for stem, r in found.items()
-            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") in ("patch-cost", "scale"))}
+            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") in ("patch-cost", "scale", "consistency"))}
 
 
 def sme_results(results: dict[str, dict]) -> dict[str, dict]:
@@ -269,6 +302,8 @@ def table(name: str, results: dict[str, dict]) -> str:
         return series_table(sme_run(results, name.split(":", 1)[1], name))
     if name.startswith("compare:"):  # compare:<stem>,<stem>,...
         return compare_table(name.split(":", 1)[1].split(","), results)
+    if name.startswith("gr-kinds:"):  # gr-kinds:<stem>,<stem>,...
+        return gr_kinds_table(name.split(":", 1)[1].split(","), results)
     if name.startswith("point:"):  # point:<t>:<stem>,<stem>,...
         _, t, stems = name.split(":", 2)
         return point_table(int(t), stems.split(","), results)

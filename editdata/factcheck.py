@@ -49,6 +49,13 @@ class Claim:
     split: str = ""
 
     @property
+    def equivalent_kinds(self) -> list[str]:
+        """What each equivalent is, in order: its template (a rewording), or "alternate name" (the
+        main template with one of the city's alternate names; GR is reported per kind)."""
+        kinds = list(TEMPLATES[1:])
+        return (kinds + ["alternate name"] * len(self.equivalents))[: len(self.equivalents)]
+
+    @property
     def claim_id(self) -> str:
         return f"{self.fact_id}:{self.label}"
 

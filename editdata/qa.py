@@ -49,6 +49,12 @@ class QAItem:
     relation: str = ""
 
     @property
+    def paraphrase_kinds(self) -> list[str]:
+        """Each paraphrase's template, in order (GR is reported per template)."""
+        prompts = CAPITAL_PROMPTS if self.relation == RELATION_CAPITAL else COUNTRY_PROMPTS
+        return list(prompts[1 : 1 + len(self.paraphrases)])
+
+    @property
     def country(self) -> str:
         """The country the fact is about (the subject of a capital fact, the answer of a city fact)."""
         return self.subject if self.relation == RELATION_CAPITAL else self.target.strip()

@@ -24,7 +24,7 @@ def synthetic_task() -> harness.Task:
     model, tok = tiny.build("bert", num_labels=2)
     s = tiny.SENTENCES
     claims = [(text, i % 2) for i, text in enumerate(s)]
-    pool = [harness.Item(f"c{i}", text, label, [f"{text} today", f"the {text}"])
+    pool = [harness.Item(f"c{i}", text, label, [f"{text} today", f"the {text}"], ["suffix", "prefix"])
             for i, (text, label) in enumerate(claims[:16])]
 
     def neighbours(item):
@@ -67,6 +67,10 @@ def test_json_structure(result, tmp_path):
             if not row["fixed_before_edit"]:
                 assert len(row["gr"]) == row["gr_total"] and sum(row["gr"]) == row["gr_correct"]
         assert sum(len(r.get("gr", [])) for r in res["edits"]) == res["gr_paraphrases"]
+        by_kind = res["gr_by_kind"]  # every held-out paraphrase counted once, under its kind
+        assert set(by_kind) == {"suffix", "prefix"} and {v["total"] for v in by_kind.values()} == {res["edited"]}
+        assert sum(v["correct"] for v in by_kind.values()) == sum(r.get("gr_correct", 0) for r in res["edits"])
+        assert by_kind["prefix"]["correct"] == sum(r["gr"][1] for r in res["edits"] if "gr" in r)
         assert res["series"] and res["series"][-1]["t"] == res["stream"]
         for point in res["series"]:
             for k in ("sr", "gr", "er", "test_retained"):
@@ -125,6 +129,23 @@ def test_paraphrase_split():
     assert harness.split_paraphrases(item, "half") == (["p0", "p2"], ["p1"])
     with pytest.raises(ValueError):
         harness.split_paraphrases(item, "all")
+    assert harness.held_out_kinds(item, "half") == ["paraphrase"]  # no kinds given
+    kinds = harness.Item("x", "a", 1, ["p0", "p1", "p2"], ["k0", "k1", "k2"])
+    assert harness.held_out_kinds(kinds, "half") == ["k1"] and harness.held_out_kinds(kinds, "heldout") == ["k0", "k1", "k2"]
+
+
+def test_wording_consistency_reads_each_wording_of_the_facts_the_base_knows():
+    task = synthetic_task()
+    task.wording_items = task.edit_pool
+    judge = harness.Judge()
+    out = harness.wording_consistency(task, judge)
+    main = judge.correct(task.model, task.tokenizer, [(i.input, i.target) for i in task.edit_pool])
+    known = [i for i, ok in zip(task.edit_pool, main) if ok]
+    assert out["items"] == 16 and out["main_correct"] == len(known) > 0
+    assert list(out["by_kind"]) == ["suffix", "prefix"]
+    for n, kind in enumerate(("suffix", "prefix")):
+        flags = judge.correct(task.model, task.tokenizer, [(i.paraphrases[n], i.target) for i in known])
+        assert out["by_kind"][kind] == {"correct": sum(flags), "total": len(known), "rate": sum(flags) / len(known)}
 
 
 def test_ft_trains_only_the_last_ffn():

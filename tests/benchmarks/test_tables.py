@@ -171,3 +171,24 @@ def test_compare_table_names_the_settings_that_differ():
     assert "| 99.0 |" in row_b and "| 0.250 |" in row_b and "| 0.250 |" not in row_a
     with pytest.raises(tables.TableError, match="no result file missing"):
         tables.compare_table(["a", "missing"], {"a": base})
+
+
+def test_gr_kinds_table_counts_each_kind_beside_the_base_and_refuses_runs_without_them():
+    r = copy.deepcopy(RESULTS["qa-T200-s0"])
+    r["judge"] = "served"
+    with pytest.raises(tables.TableError, match="no GR per kind"):
+        tables.gr_kinds_table(["x"], {"x": r})
+    r["methods"]["patcher"]["gr_by_kind"] = {"t2": {"correct": 3, "total": 4}, "alt": {"correct": 1, "total": 5}}
+    s = copy.deepcopy(r)
+    s["methods"]["patcher"]["gr_by_kind"] = {"alt": {"correct": 5, "total": 5}}
+    lines = tables.gr_kinds_table(["x", "y"], {"x": r, "y": s}).splitlines()
+    assert lines[0] == "| held-out paraphrase | GR `x` | GR `y` |"
+    assert lines[2:] == ["| `t2` | 0.750 (3 of 4) |  |", "| `alt` | 0.200 (1 of 5) | 1.000 (5 of 5) |",
+                         "| all | 0.444 (4 of 9) | 1.000 (5 of 5) |"]
+    base = {"benchmark": "consistency", "task": "qa", "data_seed": 0, "judge": "served",
+            "by_kind": {"alt": {"correct": 1, "total": 10}, "other": {"correct": 2, "total": 2}}}
+    other_judge = {**base, "judge": "teacher-forced", "by_kind": {"alt": {"correct": 9, "total": 10}}}
+    lines = tables.gr_kinds_table(["x"], {"x": r, "b": base, "c": other_judge}).splitlines()
+    assert lines[0] == "| held-out paraphrase | GR `x` | base model, facts it knows (`b`) |"
+    assert lines[2:] == ["| `t2` | 0.750 (3 of 4) |  |", "| `alt` | 0.200 (1 of 5) | 0.100 (1 of 10) |",
+                         "| all | 0.444 (4 of 9) |  |"]

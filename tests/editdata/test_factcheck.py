@@ -70,6 +70,19 @@ def test_equivalents_share_the_claim(data):
         assert len(pair[0].equivalents) == len(pair[1].equivalents)
 
 
+def test_each_equivalent_has_its_kind(data):
+    """The template of each rewording, then "alternate name": GR is reported per kind."""
+    for c in data.all_claims[:500]:
+        kinds = c.equivalent_kinds
+        assert len(kinds) == len(c.equivalents)
+        for e, k in zip(c.equivalents, kinds):
+            if k == "alternate name":  # the main template with another name of the city
+                assert e.endswith(fc.TEMPLATES[0].format(city="", country=c.country)) and not e.startswith(c.city + " is")
+            else:
+                assert k in fc.TEMPLATES[1:] and e == k.format(city=c.city, country=c.country)
+    assert any(k == "alternate name" for c in data.all_claims[:500] for k in c.equivalent_kinds)
+
+
 def test_alt_names_are_latin_and_distinct(data):
     n_alt = 0
     for c in data.all_claims:

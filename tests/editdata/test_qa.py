@@ -29,6 +29,7 @@ def test_items_well_formed(data):
         assert it.prompt not in it.paraphrases
         for p in it.paraphrases:
             assert it.subject in p and not p.endswith(" ")
+        assert [k.format(subject=it.subject) for k in it.paraphrase_kinds] == it.paraphrases  # each one's template
 
 
 def test_pools_disjoint_by_fact_and_both_relations(data):
