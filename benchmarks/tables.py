@@ -173,8 +173,8 @@ def gr_kinds_table(stems: list[str], results: dict[str, dict]) -> str:
     by_kind = [r["methods"]["patcher"]["gr_by_kind"] for r in runs] + ([base[1]["by_kind"]] if base else [])
     kinds = list(dict.fromkeys(k for b in by_kind[: len(runs)] for k in b))
 
-    def cell(b: dict, kind: str | None) -> str:
-        v = b.get(kind) if kind else {"correct": sum(x["correct"] for x in b.values()),
+    def cell(b: dict, name: str | None) -> str:
+        v = b.get(name) if name else {"correct": sum(x["correct"] for x in b.values()),
                                        "total": sum(x["total"] for x in b.values())}
         return f"{_num(v['correct'] / v['total'])} ({v['correct']:,} of {v['total']:,})" if v and v["total"] else ""
 

@@ -32,6 +32,8 @@ def test_readme_shows_every_committed_result():
     scale = tables.scale_table(RESULTS)
     for stem in tables.scale_results(RESULTS):
         assert f"| `{stem}` |" in scale
+    for stem in tables.consistency_results(RESULTS):  # beside the GR of some run, in a gr-kinds table
+        assert f"base model, facts it knows (`{stem}`) |" in text
 
 
 def test_check_catches_a_number_typed_by_hand(tmp_path, capsys):
