@@ -5,13 +5,14 @@
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: .gpu/wheels (pydantic and its needs, for
 #                                             # the GPU image's Python 3.12) and .gpu/tokenizer
-#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 9 minutes
+#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 8 minutes
 #
-# Runs the scale benchmark (cached, full-forward and compiled (torch.compile), in that order, bf16,
-# one profiled edit per mode, then --lifecycle: the patch set applied to a copy of the base, the
-# model folded, the edits removed, each checked on the GPU) at the 1.1B and 8B shapes, each shape
-# under its own time limit, and
-# writes the JSON and the log to $OUT (the device tool's return folder), else to benchmarks/results/.
+# Runs the scale benchmark in bf16: the cached step eager, compiled (torch.compile), recorded as a
+# CUDA graph (cuda_graph) and both, at the 1.1B and 8B shapes;
+# then --lifecycle at 1.1B (the patch set applied to a copy of the base, the model folded, the edits
+# removed, each checked on the GPU). Each process has its own time limit; the full-forward mode is
+# in the committed scale-*-cuda-bfloat16.json. The JSON and logs go to $OUT (the device tool's
+# return folder), else to benchmarks/results/.
 # The JSON is rewritten after each mode, so a limit or a failing mode keeps what ran before it.
 # Commit the JSON files it brings back.
 set -uo pipefail
@@ -48,10 +49,14 @@ out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 status=0
-for shape_limit in 1.1b:230 8b:270; do
-  shape=${shape_limit%%:*}
-  timeout "${shape_limit##*:}" python3 -m benchmarks.scale --shape "$shape" --device cuda --dtype bfloat16 \
-    --modes cached,full,compiled --profile --lifecycle --tokenizer .gpu/tokenizer --out "$out/scale-$shape-cuda-bfloat16.json" \
-    2>&1 | tee "$out/scale-$shape-cuda-bfloat16.log" || status=1
-done
+run() {  # run <seconds> <output stem> <scale arguments...>: one process under its own limit
+  local limit=$1 stem=$2; shift 2
+  timeout "$limit" python3 -m benchmarks.scale --device cuda --dtype bfloat16 --tokenizer .gpu/tokenizer \
+    --out "$out/$stem.json" "$@" 2>&1 | tee "$out/$stem.log" || status=1
+}
+# the step in each of its cached forms, one process per shape (a crash in one mode keeps what ran before it)
+run 200 scale-1.1b-cuda-bfloat16-graphed --shape 1.1b --modes cached,compiled,graphed,compiled-graphed
+run 190 scale-8b-cuda-bfloat16-graphed --shape 8b --modes cached,compiled,graphed,compiled-graphed
+# the patches' life on the device (apply, fold, remove), in a process of its own
+run 100 scale-1.1b-cuda-bfloat16-lifecycle --shape 1.1b --modes cached --edits 4 --steps 5 --lifecycle
 exit $status

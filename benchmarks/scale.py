@@ -46,7 +46,7 @@ SHAPES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
 }
-MODES = ("cached", "compiled", "full")
+MODES = ("cached", "compiled", "graphed", "compiled-graphed", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("the a city river country capital north south old new big small red blue cat dog house tree road sky sun "
@@ -135,10 +135,11 @@ def compile_counters() -> dict:
 def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, device,
              profile_request: EditRequest | None = None) -> dict:
     """Every request edited for exactly ``args.steps`` steps; the patches are removed afterwards.
-    ``mode``: cached, compiled (cached, with ``PatcherConfig.compile``) or full."""
+    ``mode``: cached, compiled (cached, with ``PatcherConfig.compile``), graphed (cached, with
+    ``PatcherConfig.cuda_graph``), compiled-graphed (both) or full."""
     config = PatcherConfig(cached=mode != "full", max_steps=args.steps, leak_tol=0.0, patience=10**9,
                            fixed_patience=10**9, memory_size=10**9, seed=args.seed, check_every=args.check_every,
-                           compile=args.compile if mode == "compiled" else None)
+                           compile=args.compile if mode.startswith("compiled") else None, cuda_graph="graphed" in mode)
     editor = Editor(model, tok, config)
     editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()
     warm = [EditRequest(f"warmup-{r.id}", r.input, r.target) for r in requests[: args.warmup]]
@@ -167,7 +168,7 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
     }
     if profile_request is not None:
         out["profile"] = profile_edit(editor, profile_request, device)
-    if mode == "compiled":
+    if mode.startswith("compiled"):
         out["compile_counters"] = json.loads(json.dumps(compile_counters(), default=str))
     for edit_id in list(editor.edit_ids):
         editor.remove(edit_id)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="training steps per edit")
     p.add_argument("--warmup", type=int, default=1, help="untimed edits per mode first")
     p.add_argument("--modes", default="cached,full", help="comma-separated: cached, compiled (cached with "
-                   "PatcherConfig.compile), full")
+                   "PatcherConfig.compile), graphed (cached with PatcherConfig.cuda_graph), compiled-graphed, full")
     p.add_argument("--compile", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                    help="PatcherConfig.compile of the compiled mode (the CUDA-graph modes are refused there)")
     p.add_argument("--check-every", type=int, default=None, help="PatcherConfig.check_every (default: the patcher's)")
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transformers": transformers.__version__,
         "memory": {"sentences": args.memory, "queries": queries, "build_s": round(build_s, 3)},
         "steps_per_edit": args.steps,
-        "compile": args.compile if "compiled" in modes else None,
+        "compile": args.compile if any(m.startswith("compiled") for m in modes) else None,
         "modes": {},
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as exc:  # a benchmark of several modes keeps what the others measured
             failed.append(mode)
             result["modes"][mode] = failure(exc)
-        for fast in ("cached", "compiled"):
+        for fast in MODES[:-1]:
             full, quick = (result["modes"].get(m, {}).get("ms_per_step") for m in ("full", fast))
             if full and quick:
                 result[f"full_over_{fast}_step"] = round(full / quick, 2)

@@ -75,7 +75,7 @@ def scale_table(results: dict[str, dict]) -> str:
         build = f"{r['memory']['build_s']:.1f} ({r['memory']['queries']:,})"
         for mode in _scale_modes_asked(r):
             m = r["modes"].get(mode)
-            label = mode + (f" ({r['compile']})" if mode == "compiled" and r.get("compile") else "")
+            label = mode + (f" ({r['compile']})" if mode.startswith("compiled") and r.get("compile") else "")
             if m is None or "error" in m:
                 why = "no result: the run ended during this mode" if m is None else f"failed: {m['error'][:80]}"
                 rows.append([f"`{stem}`", shape, where, label, why] + ["—"] * (len(header) - 5))
@@ -89,6 +89,27 @@ def scale_table(results: dict[str, dict]) -> str:
             rows.append([f"`{stem}`", shape, where, label, f"{m['ms_per_step']:.2f}", ratio, f"{m['s_per_edit']:.3f}",
                          f"{m['fixed']}/{m['edits'] - m['already_correct']}", build, _num(m["peak_gpu_mb"], 0),
                          counts, busy])
+    if not rows:
+        rows.append(["not run yet"] + ["—"] * (len(header) - 1))
+    return _table(header, rows)
+
+
+def lifecycle_table(results: dict[str, dict]) -> str:
+    """``python -m benchmarks.scale --lifecycle`` results: the patches' life on the run's device."""
+    header = ["result", "shape", "device, dtype", "edits fixed (neurons)", "fixed as served: patched / folded",
+              "applied = patched", "folded: max abs logit diff, argmax agreement", "removed = base", "ok"]
+    rows = []
+    for stem, r in scale_results(results).items():
+        if (life := r.get("lifecycle")) is None:
+            continue
+        where = f"{r.get('device_name') or r['device']}, {r['dtype']}"
+        if "error" in life:
+            rows.append([f"`{stem}`", r["shape"], where, f"failed: {life['error'][:80]}"] + ["—"] * 4 + ["no"])
+            continue
+        rows.append([f"`{stem}`", r["shape"], where, f"{life['fixed']}/{life['edits']} ({life['neurons']})",
+                     f"{life['fixed_as_served']} / {life['folded_fixed_as_served']}", _num(life["applied_equals_patched"]),
+                     f"{life['folded_max_abs_diff']:g}, {life['folded_argmax_agreement']:.4f}",
+                     _num(life["removed_equals_base"]), _num(life["ok"])])
     if not rows:
         rows.append(["not run yet"] + ["—"] * (len(header) - 1))
     return _table(header, rows)

@@ -10,7 +10,8 @@ and reference, on the same first K items), ``targets`` (the issue's targets agai
 run; a result file with ``"superseded_by"`` is kept for the record but never read for a target),
 ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream),
 ``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``), ``scale``
-(ms per training step on LLM shapes, ``python -m benchmarks.scale``), ``point:<t>:<stem>,<stem>``
+(ms per training step on LLM shapes, ``python -m benchmarks.scale``), ``scale-lifecycle`` (its
+``--lifecycle`` checks), ``point:<t>:<stem>,<stem>``
 (runs compared at item t of their series), ``compare:<stem>,<stem>`` (runs side by side, with the
 patcher settings they differ in) or ``gr-kinds:<stem>,<stem>`` (GR per kind of held-out paraphrase).
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.speed_tables import patch_cost_results, patch_cost_table, scale_results, scale_table
+from benchmarks.speed_tables import lifecycle_table, patch_cost_results, patch_cost_table, scale_results, scale_table
 from benchmarks.table_format import TableError
 from benchmarks.table_format import markdown_table as _table
 from benchmarks.table_format import num as _num
@@ -295,7 +296,8 @@ def sme_run(results: dict[str, dict], stem: str, table_name: str) -> dict:
 
 def table(name: str, results: dict[str, dict]) -> str:
     simple = {"setup": setup_table, "runs": runs_table, "faithful": faithful_table, "targets": targets_table,
-              "commands": commands_block, "patch-cost": patch_cost_table, "scale": scale_table}
+              "commands": commands_block, "patch-cost": patch_cost_table, "scale": scale_table,
+              "scale-lifecycle": lifecycle_table}
     if name in simple:
         return simple[name](results)
     if name.startswith("series:"):

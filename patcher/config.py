@@ -36,7 +36,7 @@ class PatcherConfig(BaseModel):
     act_margin: float = 0.0
     act_topk: int = 5
     memory_margin: float | None = Field(None, description="memory loss margin; None: matched to the model's "
-                                        "activation (3 for GELU and ReLU, 8 for SiLU; see training.matched_margin) (ours)")
+                                        "activation (3 for GELU and ReLU, 8 for SiLU; see objective.matched_margin) (ours)")
     memory_topk: int = 1000
     act_loss_weight: float = 1.0
     memory_loss_weight: float | None = Field(None, description="None: 5 for classification, 10 for generation")
@@ -65,6 +65,10 @@ class PatcherConfig(BaseModel):
         "losses, the leak screen) and its backward with this mode. The first edit pays the compile (tens of "
         "seconds); needs a C++ compiler on CPU and triton on CUDA. The CUDA-graph modes are refused (see "
         "CUDA_GRAPH_MODES). None: eager (ours)")
+    cuda_graph: bool = Field(False, description="cached mode on CUDA: record each edit's training step (forward, "
+                             "backward, clip, Adam) as a CUDA graph after 3 ordinary steps and replay it, one launch "
+                             "per step instead of hundreds; elsewhere the same step runs without a graph (no gain). "
+                             "Not with lr_scheduler (a recorded update keeps its learning rate) (ours)")
     # ---- where our mode and the reference differ (the default is ours; see ``reference``)
     value_init: Literal["ours", "reference"] = Field(
         "ours", description="ours: values N(0,1)/sqrt(d) times one trainable amplifier per neuron; reference: "
@@ -113,6 +117,13 @@ class PatcherConfig(BaseModel):
     def _compile_needs_cached(self) -> "PatcherConfig":
         if self.compile and not self.cached:
             raise ValueError("compile applies to the cached step only: set cached=True or compile=None")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graph_fixed_lr(self) -> "PatcherConfig":
+        if self.cuda_graph and (not self.cached or self.lr_scheduler is not None):
+            raise ValueError("cuda_graph records the cached step with a fixed learning rate: it needs cached=True "
+                             "and lr_scheduler=None")
         return self
 
     @classmethod

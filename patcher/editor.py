@@ -1,10 +1,9 @@
 """Transformer-Patcher: fix one mistake by adding and training one neuron (per wrong token).
 
-The base model is frozen. For each mistake we add neurons to the last FFN and train only them, with the
-edit loss (the right output), the activation loss (fire on the mistake and its paraphrases) and the memory
-loss (stay below the edit, and below -margin, on the cached queries of unrelated inputs and of every earlier
-edit). ``edit`` reads top to bottom: encode, capture, pick the wrong positions, train (``steps.CachedStep``
-or ``steps.FullStep`` driven by ``training.train``), add the block, check it on the real model, remember its queries.
+The base model is frozen. For each mistake we add neurons to the last FFN and train only them against
+``objective.Objective`` (fire on the mistake and its paraphrases, stay silent on unrelated inputs and earlier
+edits). ``edit`` reads top to bottom: encode, capture, pick the wrong positions, train (``steps.CachedStep`` or
+``steps.FullStep`` driven by ``training.train``), add the block, check it on the real model, remember its queries.
 
 Generators are edited as served: a decoder-only answer is trained followed by a stop token, and
 an edit is fixed only if greedy generation gives the answer and stops (``train_stop``).
@@ -32,9 +31,10 @@ from .encoding import Encoded, by_length, choose_stop, collate, encode, gather_p
 from .errors import PatchError
 from .families import Family, get_path, has_dropout, resolve_family
 from .layer import PatchedFFN
+from .objective import Objective, matched_margin
 from .predict import predict, served_correct, target_correct
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
-from .training import Objective, matched_margin, train
+from .training import train
 
 
 @dataclass

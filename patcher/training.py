@@ -1,10 +1,4 @@
-"""The losses, the leak bound and the training loop shared by both step functions.
-
-Losses: the edit loss (the right output), the activation loss (fire on the mistake and its
-paraphrases: ``mean(topk(exp(act_margin - z)))``) and the memory loss (stay the memory margin
-below the edit, and below minus it, on the memory's highest rows; ``matched_margin`` when
-``memory_margin`` is None). ``loss_topk``
-"pooled" takes each top-k over every (memory row, batch row, neuron) at once, as the reference does.
+"""The training loop shared by both step functions, and its stopping rules.
 
 Stopping (``stop_rule``): ours stops on the leak bound or our patience rules; the reference's
 rule validates every ``val_every`` steps and stops once the edit is fixed and the
@@ -12,9 +6,10 @@ validation-memory loss has stopped improving. An optional ReduceLROnPlateau is s
 validation on the validation edit loss.
 
 The loop never waits for the device between checks: every stopping rule is computed on the
-device at every step, and the host looks at them once every ``check_every`` steps. Parameters
-are snapshotted at the steps in between, so training stops at exactly the step it would stop at
-when checking every step: the patch does not depend on ``check_every``, only the time does.
+device at every step, and the host looks at them once every ``check_every`` steps. Each step's
+parameters are kept until then, so training stops at exactly the step it would stop at when
+checking every step: the patch does not depend on ``check_every``, only the time does. With
+``cuda_graph`` the step is recorded once per edit and replayed (``cuda_graph.StepGraph``).
 """
 
 from __future__ import annotations
@@ -22,161 +17,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from .cuda_graph import StepGraph, capture_stream
 from .errors import SetupError
+from .objective import Objective
 from .steps import CachedStep, FullStep, Params, StepOut, preactivation
-
-
-# The matched memory margin holds the most a neuron can pass to an input at or below -margin to
-# this share of its activation at 1: what the reference's margin of 3 gives GELU (0.48 %).
-MARGIN_LEAK = 0.005
-MARGIN_FLOOR = 3.0  # never below the reference classifier's margin: the gap to the edit is selectivity too
-
-
-def leak_envelope(act: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grid, env): max |act(z')| over z' <= z, tabulated on z in [-30, 30] in steps of 0.01."""
-    grid = torch.linspace(-30.0, 30.0, 6001, dtype=torch.float32, device=device)
-    return grid, act(grid).abs().cummax(0).values
-
-
-@functools.lru_cache(maxsize=64)  # per activation module: once per editor, not once per edit
-def matched_margin(act: nn.Module) -> float:
-    """The smallest whole margin m >= 3 at which max |act(z)| over z <= -m is at most
-    ``MARGIN_LEAK`` of |act(1)|: 3 for GELU (|gelu(-3)| = 0.004) and ReLU, 8 for SiLU (|silu(-7)|
-    = 0.006: hundreds of nearly silent neurons add up)."""
-    with torch.no_grad():
-        grid, env = leak_envelope(act, torch.device("cpu"))
-        unit = act(grid.new_ones(1)).abs().item()
-    ok = (env <= MARGIN_LEAK * unit).nonzero()
-    if not len(ok) or grid[ok[-1, 0]] < -29:
-        raise SetupError(f"the activation {type(act).__name__} leaks more than {MARGIN_LEAK:.1%} of |act(1)| at "
-                         "every margin up to 29: set memory_margin explicitly")
-    return max(MARGIN_FLOOR, float(math.ceil(-grid[ok[-1, 0]].item() - 1e-4)))
-
-
-def topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of the k largest entries along dim 0, per column: (N, n) -> (n,)."""
-    if k >= values.shape[0]:
-        return values.mean(0)
-    return values.topk(max(1, k), dim=0).values.mean(0)
-
-
-class Objective:
-    """What one edit is trained against, and the leak bound that decides when it is done."""
-
-    def __init__(self, config, task: str, act: nn.Module, gated: bool, device: torch.device):
-        self.config, self.task, self.act, self.gated = config, task, act, gated
-        # Envelope of the activation, max |act(z')| over z' <= z, tabulated once on the device.
-        self._grid, self._env = leak_envelope(act, device)
-        self.margin = config.memory_margin if config.memory_margin is not None else matched_margin(act)
-
-    def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        if self.task == "generation" and c.label_smoothing_form == "reference":
-            # src/utils.py label_smoothed_nll_loss: eps/(V-1) on every other class, 1-eps on the target
-            lp = logits.float().log_softmax(-1)
-            eps, eps_i = c.label_smoothing, c.label_smoothing / (logits.shape[-1] - 1)
-            nll = -lp.gather(-1, labels[:, None]).squeeze(-1)
-            return ((1.0 - eps - eps_i) * nll - eps_i * lp.sum(-1)).mean()
-        if self.task == "generation":
-            return F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
-        loss = F.cross_entropy(logits, labels)
-        if logits.shape[-1] == 2 and c.entropy_weight:
-            p = logits.softmax(-1)
-            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-            loss = loss - c.entropy_weight * entropy
-        return loss
-
-    def act_loss(self, z_rows: torch.Tensor) -> torch.Tensor:
-        """z_rows: (R, n) pre-activation of neuron i on the rows' query at its own position."""
-        values = torch.exp(self.config.act_margin - z_rows)
-        if self.config.loss_topk == "pooled":
-            return topk_mean(values.flatten(), self.config.act_topk)
-        return topk_mean(values, self.config.act_topk).mean()
-
-    def memory_term(self, zm: torch.Tensor, z_rows: torch.Tensor) -> torch.Tensor:
-        """The memory loss as ``loss_topk`` says: zm (k, n) memory pre-activations, z_rows (R, n)
-        the batch's on the mistake (row 0: the clean or first row, which ours compares against)."""
-        if self.config.loss_topk != "pooled":
-            return self.memory_loss(zm, z_rows[0])
-        if zm.shape[0] == 0:
-            return zm.new_zeros(())
-        m, k = self.margin, self.config.memory_topk
-        rows = z_rows.shape[0]
-        l1 = torch.exp(zm[:, None, :] - z_rows[None] + m).flatten()  # (k * R * n)
-        l2 = torch.exp(zm + m)[:, None, :].expand(-1, rows, -1).flatten()  # each memory row once per batch row
-        return topk_mean(l1, k) + topk_mean(l2, k)
-
-    def memory_loss(self, zm: torch.Tensor, z_edit: torch.Tensor) -> torch.Tensor:
-        if zm.shape[0] == 0:
-            return zm.new_zeros(())
-        m, k = self.margin, self.config.memory_topk
-        return topk_mean(torch.exp(zm - z_edit + m), k).mean() + topk_mean(torch.exp(zm + m), k).mean()
-
-    @staticmethod
-    def candidates(params: Params, memory: torch.Tensor, n: int) -> torch.Tensor:
-        """(neurons, n, d): each neuron's own n memory rows highest in its z, even where another
-        neuron's z is higher everywhere. One shape for every refresh (no data-dependent size, no
-        wait for the device)."""
-        top = preactivation(params, memory).topk(min(n, memory.shape[0]), dim=0).indices  # (n, neurons)
-        return memory[top.T]
-
-    def memory_z(self, params: Params, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(zm, z): zm (k, n), with gradient, the pre-activations of each neuron's top-k memory
-        rows (both memory terms increase with z, so only they enter the loss); z (C, n), without
-        gradient, every row's (the leak screen reads it). ``rows``: the memory itself (N, d) or
-        each neuron's candidates (n, C, d).
-
-        With no more rows than k, every row is a top-k row: one product scores them all, with
-        gradient. Otherwise the rows are picked from scores computed without gradient, and only
-        they are recomputed with it."""
-        k, own = self.config.memory_topk, rows.dim() == 3
-        if rows.shape[-2] <= k:
-            zm = preactivation(params, rows, own)
-            return zm, zm.detach()
-        with torch.no_grad():
-            z = preactivation(params, rows, own)
-        idx = z.topk(k, dim=0).indices.T  # (n, k)
-        top = rows.gather(1, idx[..., None].expand(-1, -1, rows.shape[-1])) if own else rows[idx]
-        return preactivation(params, top, own=True), z
-
-    def envelope(self, z: torch.Tensor) -> torch.Tensor:
-        """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
-        idx = torch.searchsorted(self._grid, z.contiguous()).clamp(max=len(self._grid) - 1)
-        return torch.where(z > self._grid[-1], self.act(z).abs(), self._env[idx])
-
-    def gain(self, params: Params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, n): the most each neuron can pass to each query (up to the value vector): the
-        activation's envelope at its pre-activation, times |up . q| for gated FFNs. ``queries``:
-        (N, d) read by every neuron, or (n, N, d) each neuron's own."""
-        own = queries.dim() == 3
-        gain = self.envelope(preactivation(params, queries, own) if z is None else z)
-        if self.gated:
-            gain = gain * preactivation(params, queries, own, "up", "up_bias").abs()
-        return gain
-
-    def leak(self, params: Params, q_edit: torch.Tensor, *memories: torch.Tensor, z_first: torch.Tensor | None = None) -> torch.Tensor:
-        """0-dim: the largest share of a neuron's output on its mistake (``q_edit``: (n, d), one
-        query per neuron) that it can pass to any query of ``memories`` ((N, d), or (n, N, d) each
-        neuron's own); 0 when they are empty. ``z_first``: the first memory's pre-activations,
-        when the caller has them already."""
-        worst = q_edit.new_zeros(q_edit.shape[0])
-        for i, m in enumerate(memories):
-            if not m.shape[-2]:
-                continue
-            z = z_first if i == 0 and z_first is not None else preactivation(params, m, m.dim() == 3)
-            if self.gated:
-                worst = torch.maximum(worst, self.gain(params, m, z).max(0).values)
-            else:  # the envelope rises with z, so the row highest in z is the one that can receive most
-                worst = torch.maximum(worst, self.envelope(z.max(0).values))
-        z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
-        own = self.act(z_e).abs()
-        if self.gated:
-            own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
-        return (worst / own.clamp_min(1e-12)).max()
 
 
 @dataclass
@@ -188,7 +35,7 @@ class _Pending:
     patience: torch.Tensor  # fixed and a patience rule says stop
     screened_in_full: bool  # the screen already covered both memories in full
     losses: torch.Tensor  # (4,) edit, activation, memory, total
-    snapshot: Params | None  # parameters at this step (None: still the live ones)
+    snapshot: Params  # the parameters this step was computed at (the live ones are an update further)
 
 
 @dataclass
@@ -283,15 +130,43 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
     ``max_steps``. "val_loss" (the reference): see ``_Validation``, or ``max_steps``."""
     c = objective.config
     device = q_edit.device
-    # fused: one kernel for the update (CPU and CUDA), its step counters on the parameters' device (no sync)
-    opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay,
-                           fused=True)
+    graphed = c.cuda_graph and step_fn.cached
+    capture = graphed and device.type == "cuda"
+    # fused: one kernel for the update, its step counters on the device (no sync); capturable: graph-recordable
+    opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay, fused=True, capturable=capture)
+    stream = capture_stream(device) if capture else None
+    with torch.cuda.stream(stream):  # None: a no-op
+        log = _train_steps(step_fn, params, objective, opt, memory, val, q_edit, check_every, graphed, capture)
+    if stream is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+    return log
+
+
+def _train_steps(step_fn, params: Params, objective: Objective, opt: torch.optim.Optimizer, memory: torch.Tensor,
+                 val: torch.Tensor, q_edit: torch.Tensor, check_every: int, graphed: bool, capture: bool) -> TrainLog:
+    c = objective.config
     refresh = step_fn.refresh
     n_candidates = c.memory_candidates or c.memory_topk
-    validation = _Validation(c, objective, opt, refresh, device)
+    validation = _Validation(c, objective, opt, refresh, q_edit.device)
     forward = _compiled(c.compile) if c.compile else step_losses
+
+    def one_step(batch: tuple, candidates: torch.Tensor, val_top: torch.Tensor):
+        """Forward, backward, clip and update: (the step's output, its four losses, its leak flag)."""
+        try:
+            out, loss, losses, leak_ok = forward(step_fn, objective, params, batch, candidates, val_top, q_edit)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            raise SetupError(f"compile={c.compile!r}: torch.compile could not build the training step "
+                             f"({str(exc).strip().splitlines()[0]}); install a C++ compiler (CPU) or triton "
+                             "(CUDA), or leave compile unset") from exc
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
+        opt.step()
+        return out, losses, leak_ok
+
     candidates, val_top = memory, val
     window: list[_Pending] = []
+    graph: StepGraph | None = None
     for step in range(c.max_steps):
         if step_fn.cached and step % refresh == 0 and memory.shape[0] > n_candidates:
             with torch.no_grad():  # each neuron's rows nearest to firing, and the validation rows that could leak most
@@ -299,31 +174,27 @@ def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, 
                 if val.shape[0]:
                     gain = objective.gain(params, val).max(-1).values
                     val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
-        try:
-            out, loss, losses, leak_ok = forward(step_fn, objective, params, step_fn.batch(step), candidates, val_top, q_edit)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:
-            raise SetupError(f"compile={c.compile!r}: torch.compile could not build the training step "
-                             f"({str(exc).strip().splitlines()[0]}); install a C++ compiler (CPU) or triton "
-                             "(CUDA), or leave compile unset") from exc
+        inputs = (step_fn.batch(step), candidates, val_top)
+        if graphed and graph is None:
+            graph = StepGraph(one_step, params, inputs, capture)
+        if graph is not None:
+            out, losses, leak_ok, at = graph.step(*inputs)
+        else:
+            at = {k: v.detach().clone() for k, v in params.items()}  # the parameters this step is computed at
+            out, losses, leak_ok = one_step(*inputs)
         with torch.no_grad():
-            patience = validation(step, step_fn, out, params, val)
+            patience = validation(step, step_fn, out, at, val)
             last = step == c.max_steps - 1 or len(window) + 1 >= check_every
-            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses,
-                                   None if last else {k: v.detach().clone() for k, v in params.items()}))
+            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses, at))
         if last:
-            stop = _first_stop(window, params, objective, memory, val, q_edit)
+            stop = _first_stop(window, objective, memory, val, q_edit)
             if stop is not None:
-                if stop.snapshot is not None:
-                    with torch.no_grad():
-                        for k, v in params.items():
-                            v.copy_(stop.snapshot[k])
+                with torch.no_grad():  # the update already made after it is undone
+                    for k, v in params.items():
+                        v.copy_(stop.snapshot[k])
                 return _log(validation.log, stop.step + 1, stop.losses)
             final_losses = window[-1].losses
             window = []
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
-        opt.step()
     return _log(validation.log, c.max_steps, final_losses)
 
 
@@ -363,15 +234,15 @@ def _log(log: TrainLog, steps: int, losses: torch.Tensor) -> TrainLog:
     return log
 
 
-def _first_stop(window: list[_Pending], params: Params, objective: Objective, memory: torch.Tensor,
-                val: torch.Tensor, q_edit: torch.Tensor) -> _Pending | None:
+def _first_stop(window: list[_Pending], objective: Objective, memory: torch.Tensor, val: torch.Tensor,
+                q_edit: torch.Tensor) -> _Pending | None:
     """The first pending step at which a stopping rule holds (one host sync for the flags)."""
     flags = torch.stack([torch.stack([p.leak_ok, p.patience]) for p in window]).tolist()
     tol = objective.config.leak_tol
     for p, (leak_ok, patience) in zip(window, flags):
         if leak_ok:
             with torch.no_grad():
-                if p.screened_in_full or float(objective.leak(p.snapshot or params, q_edit, memory, val)) < tol:
+                if p.screened_in_full or float(objective.leak(p.snapshot, q_edit, memory, val)) < tol:
                     return p
         if patience:
             return p

@@ -20,7 +20,7 @@ TINY = ["--shape", "1.1b", "--layers", "2", "--hidden", "64", "--ffn", "128", "-
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_tiny_cpu_run_writes_every_field(tmp_path):
     out = tmp_path / "scale.json"
-    returned = scale.main(TINY + ["--dtype", "bfloat16", "--modes", "cached,compiled,full", "--profile",
+    returned = scale.main(TINY + ["--dtype", "bfloat16", "--modes", "cached,compiled,graphed,compiled-graphed,full", "--profile",
                                   "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(returned))
@@ -29,7 +29,8 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
     assert data["model"]["intermediate_size"] == 128 and data["model"]["vocab_size"] == 30522
     assert data["model"]["parameters"] > 30522 * 64
     assert data["memory"]["sentences"] == 12 and data["memory"]["queries"] > 12 and data["memory"]["build_s"] > 0
-    assert set(data["modes"]) == {"cached", "compiled", "full"} and data["compile"] == "default"
+    assert set(data["modes"]) == {"cached", "compiled", "graphed", "compiled-graphed", "full"}
+    assert data["compile"] == "default"
     for mode in data["modes"].values():
         assert mode["edits"] == 2 and mode["edits"] - mode["already_correct"] >= 1
         assert mode["steps"] == 3 * (mode["edits"] - mode["already_correct"])
@@ -40,7 +41,8 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
         assert prof["launches_per_step"] == 0 and prof["syncs_per_step"] == 0 and prof["items_per_step"] > 0
         assert prof["top_host_ops"] and all(op["count"] >= 1 for op in prof["top_host_ops"])
     assert data["modes"]["compiled"]["compile_counters"]["stats"]["unique_graphs"] >= 1
-    assert data["full_over_cached_step"] > 0 and data["full_over_compiled_step"] > 0
+    assert "compile_counters" in data["modes"]["compiled-graphed"] and "compile_counters" not in data["modes"]["graphed"]
+    assert all(data[f"full_over_{m}_step"] > 0 for m in ("cached", "compiled", "graphed", "compiled-graphed"))
     assert data["command"].startswith("python -m benchmarks.scale")
 
 

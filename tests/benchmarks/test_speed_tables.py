@@ -26,3 +26,17 @@ def test_scale_table_rows_ratios_and_missing_modes():
     assert "| 40.0× (full from `a`) |" in rows[("`b`", "compiled (default)")]
     assert "| — |" in rows[("`c`", "compiled (default)")].split("2.00", 1)[1][:6]  # another GPU: no ratio
     assert "failed: RuntimeError: boom" in rows[("`d`", "full")] and "| — |" in rows[("`d`", "cached")]
+
+
+def test_lifecycle_table_shows_checks_and_failures():
+    life = {"edits": 4, "fixed": 3, "neurons": 9, "fixed_as_served": 3, "applied_equals_patched": True,
+            "folded_fixed_as_served": 2, "folded_max_abs_diff": 0.5, "folded_argmax_agreement": 0.875,
+            "removed_equals_base": True, "patched_differs_from_base": True, "ok": False}
+    runs = {"a": {**_scale_run({}, "cached"), "lifecycle": life},
+            "b": {**_scale_run({}, "cached"), "lifecycle": {"error": "RuntimeError: boom", "ok": False}},
+            "c": _scale_run({}, "cached")}
+    lines = speed_tables.lifecycle_table(runs).splitlines()[2:]
+    assert len(lines) == 2, "a run without --lifecycle has no row"
+    assert lines[0] == "| `a` | 8b | GPU X, bfloat16 | 3/4 (9) | 3 / 2 | yes | 0.5, 0.8750 | yes | no |"
+    assert "failed: RuntimeError: boom" in lines[1] and lines[1].endswith("| no |")
+    assert "not run yet" in speed_tables.lifecycle_table({"c": runs["c"]})

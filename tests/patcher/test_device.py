@@ -65,6 +65,21 @@ def test_memory_and_edit_make_no_stray_tensor(kind):
     assert editor.edit_ids == []
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_cuda_graph_step_makes_no_stray_tensor(kind):
+    """``cuda_graph``: the recorded inputs, the packed outputs and the snapshots (the step runs
+    without capture on a CPU) are made on the model's device."""
+    model, tok = tiny.build(kind)
+    if kind == "bert":
+        model.bert.encoder.layer[0].output.dropout.p = 0.1
+    editor = Editor(model, tok, C.config(memory_refresh=3, memory_candidates=50, dropout_rounds=2, cuda_graph=True))
+    editor.build_memory(tiny.SENTENCES)
+    request = C.wrong_request(editor)
+    with _DefaultDevice("meta"):
+        result = editor.edit(request)
+    assert result.fixed and result.steps > 4, "test premise: steps replayed after the warm-up"
+
+
 @pytest.mark.parametrize("kind", ["distilbert", "llama"])
 def test_full_forward_mode_makes_no_stray_tensor(kind):
     editor = C.editor_for(kind, cached=False, max_steps=5, check_every=2)

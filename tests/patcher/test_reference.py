@@ -14,7 +14,7 @@ import torch
 from patcher import EditRequest, Editor, PatcherConfig
 from patcher.encoding import encode
 from patcher.steps import init_neurons
-from patcher.training import Objective
+from patcher.objective import Objective
 from tests import tiny
 from tests.patcher import _common as C
 

@@ -120,7 +120,7 @@ def test_memory_z_scores_the_top_rows_with_or_without_a_preselection():
     rows at the last full scan), all of them in one product. Same rows, same loss, same gradient
     every way, for each of two neurons."""
     from patcher import PatcherConfig
-    from patcher.training import Objective
+    from patcher.objective import Objective
 
     g = torch.Generator().manual_seed(0)
     memory, key = torch.randn(40, 16, generator=g), torch.randn(2, 16, generator=g)
@@ -173,7 +173,7 @@ def test_candidates_hold_every_neurons_own_top_rows():
     """Memory candidates are picked per neuron: a neuron whose z is below another's on every row
     still gets its own highest rows (a max over the neurons would leave them out), in one shape
     (neurons, n, d) whatever the rows, so a compiled step never meets a new size."""
-    from patcher.training import Objective
+    from patcher.objective import Objective
 
     g = torch.Generator().manual_seed(0)
     memory = torch.randn(200, 8, generator=g)
@@ -237,6 +237,54 @@ def test_compiled_step_computes_what_the_eager_step_does(kind):
     assert result.neurons >= (2 if kind == "llama" else 1), "test premise: several neurons for the generator"
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama", "t5-gated"])
+def test_cuda_graph_step_trains_what_the_ordinary_loop_does(kind, monkeypatch):
+    """``cuda_graph``: on a CPU the recorded step runs without capture, from the same recorded
+    inputs (batches cycled through, candidates refreshed) and with the same packed outputs as on a
+    GPU. Its patches, steps and losses are those of the ordinary loop, bit for bit, at any
+    ``check_every``, and the replayed steps really ran through ``StepGraph``."""
+    import patcher.training as training
+
+    built = []
+
+    class Spy(training.StepGraph):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(training, "StepGraph", Spy)
+    small = dict(memory_candidates=12, memory_topk=8, memory_refresh=3, dropout_rounds=2)
+
+    def run(**overrides) -> tuple[Editor, list]:
+        model, tok = tiny.build(kind)
+        if kind == "bert":
+            model.bert.encoder.layer[0].output.dropout.p = 0.3
+        editor = Editor(model, tok, C.config(**small, **overrides))
+        editor.build_memory(tiny.SENTENCES)
+        return editor, [editor.edit(C.wrong_request(editor, i)) for i in range(2)]
+
+    plain, expected = run()
+    for k in (1, 5):
+        graphed, results = run(cuda_graph=True, check_every=k)
+        assert [r.steps for r in results] == [r.steps for r in expected]
+        assert [r.losses for r in results] == [r.losses for r in expected]
+        assert all(r.fixed for r in results)
+        _same_blocks(graphed, plain)
+    assert len(built) == 4 and min(r.steps for r in expected) > 4, "test premise: every edit replayed steps"
+
+
+def test_cuda_graph_needs_a_fixed_learning_rate():
+    from pydantic import ValidationError
+
+    from patcher import PatcherConfig
+
+    with pytest.raises(ValidationError, match="cuda_graph.*lr_scheduler=None"):
+        PatcherConfig.reference("classification", cached=True, cuda_graph=True)
+    with pytest.raises(ValidationError, match="cuda_graph.*cached=True"):
+        PatcherConfig(cached=False, cuda_graph=True)
+    assert PatcherConfig(cuda_graph=True, compile="default").cuda_graph
+
+
 def test_compile_without_a_compiler_is_a_setup_error():
     """No working C++ compiler (a fault injected through inductor's own setting): a SetupError
     naming ``compile`` and what to do, not a deep traceback, and not blamed on the record."""
@@ -261,7 +309,7 @@ def test_matched_margin_holds_the_leak_to_its_share_of_a_unit_activation():
     nothing at or below -m gets more than MARGIN_LEAK of act(1); one less would leak more."""
     from transformers.activations import ACT2FN
 
-    from patcher.training import MARGIN_LEAK, matched_margin
+    from patcher.objective import MARGIN_LEAK, matched_margin
 
     expected = {"gelu": 3.0, "gelu_new": 3.0, "relu": 3.0, "silu": 8.0}
     for name, margin in expected.items():
@@ -275,7 +323,7 @@ def test_matched_margin_holds_the_leak_to_its_share_of_a_unit_activation():
 
 def test_the_margin_the_losses_use():
     from patcher import PatcherConfig
-    from patcher.training import Objective
+    from patcher.objective import Objective
 
     cpu = torch.device("cpu")
     assert Objective(PatcherConfig(), "generation", torch.nn.SiLU(), False, cpu).margin == 8.0
