@@ -43,7 +43,7 @@ class PatcherConfig(BaseModel):
     entropy_weight: float = Field(0.1, description="binary classification: edit loss adds -w * entropy")
     label_smoothing: float = Field(0.1, description="generation edit loss")
     max_neurons_per_edit: int = Field(5, ge=1, description="generation: neurons for the first wrong tokens")
-    leak_tol: float = Field(0.05, ge=0, description="stop once fixed and no memory query can get more than this share "
+    leak_tol: float = Field(0.01, ge=0, description="stop once fixed and no memory query can get more than this share "
                             "of the patch's output on its mistake (ours)")
     patience: int = Field(50, ge=1, description="steps without validation-memory improvement once fixed")
     fixed_patience: int = Field(500, ge=1, description="at most this many steps after the edit is first fixed (ours)")
