@@ -6,7 +6,7 @@ this is a torch + transformers library usable from a notebook.
 """
 
 from . import metrics
-from .editor import EditRequest, EditResult, Editor, PatcherConfig
+from .editor import Editor, PatcherConfig
 from .errors import PatchError, SetupError, UnsupportedModelError
 from .families import FAMILIES, Family, resolve_family
 from .layer import PatchBlock, PatchedFFN, PatchedLinear
@@ -15,6 +15,7 @@ from .manifest import PatchEntry, PatchManifest
 from .metrics import Locality, locality, net_ratio
 from .patchset import PatchSet, fingerprint
 from .predict import predict, predicted_labels, served_correct, served_match, target_correct
+from .records import EditRequest, EditResult
 
 __all__ = [
     "Editor", "EditRequest", "EditResult", "PatcherConfig", "PatchSet", "PatchManifest", "PatchEntry", "PatchBlock",

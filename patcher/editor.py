@@ -20,7 +20,7 @@ import copy
 import hashlib
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -30,36 +30,12 @@ from .config import PatcherConfig
 from .encoding import Encoded, by_length, choose_stop, collate, encode, gather_positions, labels_of, pad_id, stop_ids
 from .errors import PatchError
 from .families import Family, get_path, has_dropout, resolve_family
-from .layer import PatchedFFN
+from .layer import PatchBlock, PatchedFFN
 from .objective import Objective, matched_margin
 from .predict import predict, served_correct, target_correct
+from .records import EditRequest, EditResult
 from .steps import CachedStep, FullStep, Params, init_neurons, to_block
-from .training import train
-
-
-@dataclass
-class EditRequest:
-    """One logged mistake: the input, what it should give, and paraphrases that must give it too."""
-
-    id: str
-    input: str
-    target: int | str
-    equivalents: list[str] = field(default_factory=list)
-
-
-@dataclass
-class EditResult:
-    id: str
-    fixed: bool
-    already_correct: bool = False
-    steps: int = 0
-    seconds: float = 0.0
-    train_seconds: float = 0.0  # of ``seconds``, the training loop alone (it ends with a device sync)
-    neurons: int = 0
-    losses: dict[str, float] = field(default_factory=dict)
-    message: str = ""
-    validations: list[int] = field(default_factory=list)  # steps validated in eval mode (reference rule, scheduler)
-    lr_drops: list[int] = field(default_factory=list)  # steps at which the plateau scheduler lowered the lr
+from .training import TrainLog, train
 
 
 @dataclass
@@ -315,12 +291,35 @@ class Editor:
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
 
         c, seed = self.config, _edit_seed(self.config.seed, request.id)
+        batches = self._training_batches(cap, variants, n_pos, seed) if c.cached else None
+        t_train, steps = 0.0, 0
+        # an edit left unfixed is trained once more from fresh neurons, retry_neurons of them per wrong position
+        for per_position in dict.fromkeys((1, c.retry_neurons)):
+            t = time.perf_counter()
+            block, log = self._train(request.id, positions * per_position, cap, main, variants, labels, batches, seed)
+            t_train, steps = t_train + time.perf_counter() - t, steps + log.steps
+            self.ffn.add(block)
+            fixed = self.is_correct(request.input, request.target)
+            kept = fixed or (c.keep_unfixed and per_position == c.retry_neurons)
+            if kept:
+                break
+            self.ffn.remove(request.id)
+        if kept:
+            self._remember_edit(variants, cap.q.float())
+        message = "" if fixed else f"not fixed after {steps} steps: " + ("neurons kept" if kept else "no neuron kept")
+        return EditResult(request.id, fixed=fixed, steps=steps, seconds=time.perf_counter() - t0,
+                          train_seconds=t_train, neurons=block.neurons if kept else 0, losses=log.losses,
+                          message=message, validations=log.validations, lr_drops=log.lr_drops)
+
+    def _train(self, edit_id: str, positions: list[int], cap: Captured, main: Encoded, variants: list[Encoded],
+               labels: torch.Tensor, batches, seed: int) -> tuple[PatchBlock, TrainLog]:
+        """New neurons, one per entry of ``positions`` (reading the query there), trained on the edit."""
+        c = self.config
         q_edit = cap.q[positions].float()
         params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed, c.value_init)
         objective = Objective(c, self.task, self.ffn.act, self.family.gated, self.device)
         check_every = c.check_every or (1 if self.device.type == "cpu" or not c.cached else 8)
         if c.cached:
-            batches = self._training_batches(cap, variants, n_pos, seed)
             step = CachedStep(self._logits_from, self.ffn.act, self.family.gated, batches, labels, positions, c.memory_refresh)
             rng = nullcontext()
         else:
@@ -329,23 +328,9 @@ class Editor:
             step = FullStep(self.ffn, self._forward, self.family.gated, [main] * copies + variants[1:], main,
                             positions, self.device, fixed_every_step=c.stop_rule == "leak")
             rng = self._seeded_rng(seed)  # dropout masks from the edit's own seed: a replay draws the same
-        t_train = time.perf_counter()
         with rng:
             log = train(step, params, objective, self.memory, self.val_memory, q_edit, check_every)
-        t_train = time.perf_counter() - t_train
-
-        block = to_block(request.id, params, self.family.gated, self.dtype)
-        self.ffn.add(block)
-        fixed = self.is_correct(request.input, request.target)
-        kept = fixed or c.keep_unfixed
-        if kept:
-            self._remember_edit(variants, cap.q.float())
-        else:
-            self.ffn.remove(request.id)
-        message = "" if fixed else f"not fixed after {log.steps} steps: " + ("neurons kept" if kept else "no neuron kept")
-        return EditResult(request.id, fixed=fixed, steps=log.steps, seconds=time.perf_counter() - t0,
-                          train_seconds=t_train, neurons=block.neurons if kept else 0, losses=log.losses,
-                          message=message, validations=log.validations, lr_drops=log.lr_drops)
+        return to_block(edit_id, params, self.family.gated, self.dtype), log
 
     def edit_stream(self, requests: Iterable[EditRequest], progress: bool = True) -> list[EditResult]:
         from tqdm.auto import tqdm

@@ -156,6 +156,39 @@ def test_failing_edit_leaves_no_neuron(kind):
     assert torch.equal(C.logits(editor.model, editor.tokenizer), before)
 
 
+@pytest.mark.parametrize("kind", ["distilbert", "llama"])
+def test_unfixed_edit_is_trained_again_with_more_neurons(kind, monkeypatch):
+    """``retry_neurons``: an edit the first training leaves unfixed is trained again from fresh
+    neurons, that many per wrong position; the steps of both tries count; a second failure still
+    leaves nothing behind, and ``keep_unfixed`` keeps the second try's neurons."""
+    failing = dict(max_steps=1, amplifier=0.0, retry_neurons=2)
+    editor = C.editor_for(kind, **failing)
+    before, memory = C.logits(editor.model, editor.tokenizer), editor.memory.clone()
+    result = editor.edit(C.wrong_request(editor))
+    assert not result.fixed and result.steps == 2 and result.neurons == 0 and "after 2 steps" in result.message
+    assert editor.ffn.neurons == 0 and torch.equal(editor.memory, memory)
+    assert torch.equal(C.logits(editor.model, editor.tokenizer), before)
+
+    first = C.stream(kind).results[0].neurons  # neurons of one try: one per wrong position
+    kept = C.editor_for(kind, **failing, keep_unfixed=True)
+    assert kept.edit(C.wrong_request(kept)).neurons == 2 * first
+
+    # the first try's check fails (an injected fault): the second try's neurons are kept and serve the edit
+    editor = C.editor_for(kind, retry_neurons=3)
+    request, real, calls = C.wrong_request(editor), Editor.is_correct, []
+
+    def first_check_fails(self, *args):
+        calls.append(args)
+        return len(calls) > 1 and real(self, *args)
+
+    monkeypatch.setattr(Editor, "is_correct", first_check_fails)
+    result = editor.edit(request)
+    monkeypatch.undo()
+    assert len(calls) == 2 and result.fixed and result.neurons == 3 * first and editor.edit_ids == [request.id]
+    assert result.steps > C.stream(kind).results[0].steps
+    assert editor.is_correct(request.input, request.target)
+
+
 def test_failed_edit_can_be_retried_with_the_same_id():
     editor = C.editor_for("distilbert", max_steps=1, amplifier=0.0)
     request = C.wrong_request(editor)
