@@ -35,7 +35,7 @@ class _Pending:
     patience: torch.Tensor  # fixed and a patience rule says stop
     screened_in_full: bool  # the screen already covered both memories in full
     losses: torch.Tensor  # (4,) edit, activation, memory, total
-    snapshot: Params  # the parameters this step was computed at (the live ones are an update further)
+    snapshot: Params | None  # the parameters this step was computed at (None: still the live ones)
 
 
 @dataclass
@@ -150,18 +150,24 @@ def _train_steps(step_fn, params: Params, objective: Objective, opt: torch.optim
     validation = _Validation(c, objective, opt, refresh, q_edit.device)
     forward = _compiled(c.compile) if c.compile else step_losses
 
-    def one_step(batch: tuple, candidates: torch.Tensor, val_top: torch.Tensor):
-        """Forward, backward, clip and update: (the step's output, its four losses, its leak flag)."""
+    def step_forward(batch: tuple, candidates: torch.Tensor, val_top: torch.Tensor):
         try:
-            out, loss, losses, leak_ok = forward(step_fn, objective, params, batch, candidates, val_top, q_edit)
+            return forward(step_fn, objective, params, batch, candidates, val_top, q_edit)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             raise SetupError(f"compile={c.compile!r}: torch.compile could not build the training step "
                              f"({str(exc).strip().splitlines()[0]}); install a C++ compiler (CPU) or triton "
                              "(CUDA), or leave compile unset") from exc
+
+    def update(loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), c.grad_clip)
         opt.step()
+
+    def one_step(*inputs):
+        """Forward, backward, clip and update (what ``cuda_graph`` records): (output, losses, leak flag)."""
+        out, loss, losses, leak_ok = step_forward(*inputs)
+        update(loss)
         return out, losses, leak_ok
 
     candidates, val_top = memory, val
@@ -177,24 +183,27 @@ def _train_steps(step_fn, params: Params, objective: Objective, opt: torch.optim
         inputs = (step_fn.batch(step), candidates, val_top)
         if graphed and graph is None:
             graph = StepGraph(one_step, params, inputs, capture)
-        if graph is not None:
+        if graph is not None:  # already updated: ``at`` holds the parameters this step was computed at
             out, losses, leak_ok, at = graph.step(*inputs)
-        else:
-            at = {k: v.detach().clone() for k, v in params.items()}  # the parameters this step is computed at
-            out, losses, leak_ok = one_step(*inputs)
+        else:  # updated after the look, so the live parameters are this step's until then
+            (out, loss, losses, leak_ok), at = step_forward(*inputs), params
         with torch.no_grad():
             patience = validation(step, step_fn, out, at, val)
             last = step == c.max_steps - 1 or len(window) + 1 >= check_every
-            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses, at))
+            snapshot = at if graph is not None else None if last else {k: v.detach().clone() for k, v in params.items()}
+            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses, snapshot))
         if last:
-            stop = _first_stop(window, objective, memory, val, q_edit)
+            stop = _first_stop(window, params, objective, memory, val, q_edit)
             if stop is not None:
-                with torch.no_grad():  # the update already made after it is undone
-                    for k, v in params.items():
-                        v.copy_(stop.snapshot[k])
+                if stop.snapshot is not None:
+                    with torch.no_grad():
+                        for k, v in params.items():
+                            v.copy_(stop.snapshot[k])
                 return _log(validation.log, stop.step + 1, stop.losses)
             final_losses = window[-1].losses
             window = []
+        if graph is None:
+            update(loss)
     return _log(validation.log, c.max_steps, final_losses)
 
 
@@ -234,15 +243,15 @@ def _log(log: TrainLog, steps: int, losses: torch.Tensor) -> TrainLog:
     return log
 
 
-def _first_stop(window: list[_Pending], objective: Objective, memory: torch.Tensor, val: torch.Tensor,
-                q_edit: torch.Tensor) -> _Pending | None:
+def _first_stop(window: list[_Pending], params: Params, objective: Objective, memory: torch.Tensor,
+                val: torch.Tensor, q_edit: torch.Tensor) -> _Pending | None:
     """The first pending step at which a stopping rule holds (one host sync for the flags)."""
     flags = torch.stack([torch.stack([p.leak_ok, p.patience]) for p in window]).tolist()
     tol = objective.config.leak_tol
     for p, (leak_ok, patience) in zip(window, flags):
         if leak_ok:
             with torch.no_grad():
-                if p.screened_in_full or float(objective.leak(p.snapshot, q_edit, memory, val)) < tol:
+                if p.screened_in_full or float(objective.leak(params if p.snapshot is None else p.snapshot, q_edit, memory, val)) < tol:
                     return p
         if patience:
             return p
