@@ -16,6 +16,11 @@ def scale_results(results: dict[str, dict]) -> dict[str, dict]:
     return {stem: r for stem, r in results.items() if r.get("benchmark") == "scale"}
 
 
+def _where(run: dict) -> str:
+    """A scale run's device (by name where known) and dtype, as its tables show them."""
+    return f"{run.get('device_name') or run['device']}, {run['dtype']}"
+
+
 def _mb(v) -> str:
     return "—" if v is None else f"{v / 2**20:,.1f}"
 
@@ -70,7 +75,7 @@ def scale_table(results: dict[str, dict]) -> str:
     rows = []
     for stem, r in runs.items():
         full_stem, full = (stem, own_full[stem]) if "full" in r["modes"] else fulls.get(setup(r), (None, None))
-        where = f"{r.get('device_name') or r['device']}, {r['dtype']}"
+        where = _where(r)
         shape = f"{r['shape']} ({r['model']['parameters'] / 1e9:.2f}B)"
         build = f"{r['memory']['build_s']:.1f} ({r['memory']['queries']:,})"
         for mode in _scale_modes_asked(r):
@@ -102,7 +107,7 @@ def lifecycle_table(results: dict[str, dict]) -> str:
     for stem, r in scale_results(results).items():
         if (life := r.get("lifecycle")) is None:
             continue
-        where = f"{r.get('device_name') or r['device']}, {r['dtype']}"
+        where = _where(r)
         if "error" in life:
             rows.append([f"`{stem}`", r["shape"], where, f"failed: {life['error'][:80]}"] + ["—"] * 4 + ["no"])
             continue
