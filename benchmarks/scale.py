@@ -138,7 +138,8 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
     ``mode``: cached, compiled (cached, with ``PatcherConfig.compile``), graphed (cached, with
     ``PatcherConfig.cuda_graph``), compiled-graphed (both) or full."""
     config = PatcherConfig(cached=mode != "full", max_steps=args.steps, leak_tol=0.0, patience=10**9,
-                           fixed_patience=10**9, memory_size=10**9, seed=args.seed, check_every=args.check_every,
+                           fixed_patience=10**9, retry_neurons=1, memory_size=10**9, seed=args.seed,
+                           check_every=args.check_every,
                            compile=args.compile if mode.startswith("compiled") else None, cuda_graph="graphed" in mode)
     editor = Editor(model, tok, config)
     editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()

@@ -45,7 +45,7 @@ class PatcherConfig(BaseModel):
     max_neurons_per_edit: int = Field(5, ge=1, description="generation: neurons for the first wrong tokens")
     leak_tol: float = Field(0.01, ge=0, description="stop once fixed and no memory query can get more than this share "
                             "of the patch's output on its mistake (ours)")
-    retry_neurons: int = Field(1, ge=1, description="an edit that training leaves unfixed is trained once more from "
+    retry_neurons: int = Field(2, ge=1, description="an edit that training leaves unfixed is trained once more from "
                                "fresh neurons, this many per wrong position (ours); 1: no second try")
     patience: int = Field(50, ge=1, description="steps without validation-memory improvement once fixed")
     fixed_patience: int = Field(500, ge=1, description="at most this many steps after the edit is first fixed (ours)")
@@ -149,7 +149,7 @@ class PatcherConfig(BaseModel):
             lr_threshold=0.05, val_every=25,
             # start_val_epoch=100: its validation after epoch e sees the parameters after e + 1 updates (our step)
             val_start=101, stop_rule="val_loss", early_patience=1, early_threshold=1e-3,
-            memory_unit="examples", edit_memory="reference", keep_unfixed=True,
+            memory_unit="examples", edit_memory="reference", keep_unfixed=True, retry_neurons=1,
         )
         return cls(**{**values, **overrides})
 

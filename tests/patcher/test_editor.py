@@ -142,13 +142,14 @@ def test_already_correct_on_the_base_model():
 
 @pytest.mark.parametrize("kind", C.KINDS)
 def test_failing_edit_leaves_no_neuron(kind):
-    # one step from a zero amplifier cannot move the output: the edit must fail
+    # one step from a zero amplifier cannot move the output: the edit must fail, and so must
+    # the second try (retry_neurons, 2 by default), one step again
     editor = C.editor_for(kind, max_steps=1, amplifier=0.0)
     before = C.logits(editor.model, editor.tokenizer)
     memory = editor.memory.clone()
     result = editor.edit(C.wrong_request(editor))
     assert not result.fixed and not result.already_correct
-    assert result.neurons == 0 and result.steps == 1
+    assert result.neurons == 0 and result.steps == 2
     assert "no neuron kept" in result.message
     assert editor.edit_ids == [] and editor.ffn.neurons == 0
     assert all(m.extra_weight.shape[0] == 0 for m in editor.ffn.ins + [editor.ffn.out])

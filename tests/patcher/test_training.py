@@ -55,7 +55,8 @@ class _HostSyncs(TorchFunctionMode):
 @pytest.mark.parametrize("kind", ["bert", "t5-gated"])
 def test_step_loop_syncs_once_per_window(kind):
     """40 steps, looked at every 10: a handful of host syncs for the whole edit, not several per step."""
-    editor = C.editor_for(kind, max_steps=40, check_every=10, leak_tol=0.0, patience=10**6, fixed_patience=10**6)
+    editor = C.editor_for(kind, max_steps=40, check_every=10, leak_tol=0.0, patience=10**6, fixed_patience=10**6,
+                          retry_neurons=1)
     request = C.wrong_request(editor)
     with _HostSyncs() as syncs:
         result = editor.edit(request)
@@ -185,6 +186,34 @@ def test_candidates_hold_every_neurons_own_top_rows():
         assert torch.equal(candidates[neuron], memory[z.topk(10).indices])
 
 
+def test_one_neuron_scores_a_large_memory_as_a_matrix_product(monkeypatch):
+    """A single neuron's scores on a memory of ``GEMV_ROWS`` rows or more are computed with a zero
+    second column (MKL's matrix-vector product is several times slower on a CPU): the same scores
+    and gradients as the plain product, and the path is taken only from that size on."""
+    from patcher import steps
+
+    g = torch.Generator().manual_seed(0)
+    memory = torch.randn(steps.GEMV_ROWS, 32, generator=g)
+    weight = torch.randn(1, 32, generator=g)
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+
+    def scores(rows: torch.Tensor):
+        params = {"key": weight.clone().requires_grad_(True), "bias": torch.tensor([0.5], requires_grad=True)}
+        z = steps.preactivation(params, rows)
+        (z.square().sum()).backward()
+        return z.detach(), params["key"].grad, params["bias"].grad
+
+    padded = scores(memory)
+    assert len(calls) == 1 and padded[0].shape == (steps.GEMV_ROWS, 1)
+    plain = memory @ weight.T + 0.5
+    assert torch.allclose(padded[0], plain, atol=1e-5)
+    assert torch.allclose(padded[1], 2 * (plain.T @ memory), rtol=1e-4)
+    scores(memory[:-1])
+    assert len(calls) == 1  # below GEMV_ROWS: the plain product
+
+
 def test_compile_needs_the_cached_step():
     from pydantic import ValidationError
 
@@ -223,7 +252,7 @@ def test_compiled_step_computes_what_the_eager_step_does(kind):
         assert editor.memory.shape[0] > small["memory_candidates"], "test premise: candidates are picked per neuron"
         return editor
 
-    first = dict(max_steps=1, leak_tol=0.0)
+    first = dict(max_steps=1, leak_tol=0.0, retry_neurons=1)  # one step of one try
     eager = editor(**first)
     eager = eager.edit(C.wrong_request(eager))
     compiled = editor(**first, compile="default")
