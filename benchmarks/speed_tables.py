@@ -118,3 +118,18 @@ def lifecycle_table(results: dict[str, dict]) -> str:
     if not rows:
         rows.append(["not run yet"] + ["—"] * (len(header) - 1))
     return _table(header, rows)
+
+
+def leak_trace_table(results: dict[str, dict]) -> str:
+    """``python -m benchmarks.leak_trace`` results: each stopping rule replayed on the traced edits."""
+    header = ["result", "edits traced", "rule", "steps (share of the default's)", "stopped by", "leak at the stop: median",
+              "90th percentile"]
+    rows = []
+    for stem, r in results.items():
+        if r.get("benchmark") != "leak-trace":
+            continue
+        for name, rule in r["rules"].items():
+            reasons = ", ".join(f"{why} {n}" for why, n in sorted(rule["reasons"].items(), key=lambda kv: -kv[1]))
+            rows.append([f"`{stem}`", str(r["edited"]), name, f"{rule['steps']:,} ({rule['share_of_default_steps']:.2f})",
+                         reasons, f"{rule['leak_at_stop_median']:.4f}", f"{rule['leak_at_stop_p90']:.4f}"])
+    return _table(header, rows)

@@ -11,7 +11,8 @@ run; a result file with ``"superseded_by"`` is kept for the record but never rea
 ``commands`` (how each result was made), ``series:<result file stem>`` (a run along its stream),
 ``patch-cost`` (latency and memory with N patches, ``python -m benchmarks.patch_cost``), ``scale``
 (ms per training step on LLM shapes, ``python -m benchmarks.scale``), ``scale-lifecycle`` (its
-``--lifecycle`` checks), ``point:<t>:<stem>,<stem>``
+``--lifecycle`` checks), ``leak-trace`` (stopping rules replayed on traced edits, ``python -m
+benchmarks.leak_trace``), ``point:<t>:<stem>,<stem>``
 (runs compared at item t of their series), ``compare:<stem>,<stem>`` (runs side by side, with the
 patcher settings they differ in) or ``gr-kinds:<stem>,<stem>`` (GR per kind of held-out paraphrase).
 """
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.speed_tables import lifecycle_table, patch_cost_results, patch_cost_table, scale_results, scale_table
+from benchmarks.speed_tables import (leak_trace_table, lifecycle_table, patch_cost_results, patch_cost_table,
+                                     scale_results, scale_table)
 from benchmarks.table_format import TableError
 from benchmarks.table_format import markdown_table as _table
 from benchmarks.table_format import num as _num
@@ -276,11 +278,13 @@ def load_results(folder: Path = RESULTS) -> dict[str, dict]:
     """The result files under ``folder`` that tables here render, by file stem, in name order: SME
     runs (``python -m benchmarks.sme``: a JSON file with ``methods``), patch-cost runs
     (``"benchmark": "patch-cost"``), scale runs (``"benchmark": "scale"``) and the base model's
-    consistency across wordings (``"benchmark": "consistency"``); other files there are
+    consistency across wordings (``"benchmark": "consistency"``) and leak traces (``"benchmark":
+    "leak-trace"``); other files there are
     left to their own tables."""
     found = {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))}
     return {stem: r for stem, r in found.items()
-            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") in ("patch-cost", "scale", "consistency"))}
+            if isinstance(r, dict) and ("methods" in r or r.get("benchmark") in ("patch-cost", "scale", "consistency",
+                                                                                 "leak-trace"))}
 
 
 def sme_results(results: dict[str, dict]) -> dict[str, dict]:
@@ -297,7 +301,7 @@ def sme_run(results: dict[str, dict], stem: str, table_name: str) -> dict:
 def table(name: str, results: dict[str, dict]) -> str:
     simple = {"setup": setup_table, "runs": runs_table, "faithful": faithful_table, "targets": targets_table,
               "commands": commands_block, "patch-cost": patch_cost_table, "scale": scale_table,
-              "scale-lifecycle": lifecycle_table}
+              "scale-lifecycle": lifecycle_table, "leak-trace": leak_trace_table}
     if name in simple:
         return simple[name](results)
     if name.startswith("series:"):

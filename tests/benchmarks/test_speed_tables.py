@@ -40,3 +40,13 @@ def test_lifecycle_table_shows_checks_and_failures():
     assert lines[0] == "| `a` | 8b | GPU X, bfloat16 | 3/4 (9) | 3 / 2 | yes | 0.5, 0.8750 | yes | no |"
     assert "failed: RuntimeError: boom" in lines[1] and lines[1].endswith("| no |")
     assert "not run yet" in speed_tables.lifecycle_table({"c": runs["c"]})
+
+
+def test_leak_trace_table_has_a_row_per_rule():
+    rule = {"steps": 1200, "share_of_default_steps": 0.8, "reasons": {"leak": 2, "fixed_patience": 3},
+            "leak_at_stop_median": 0.02, "leak_at_stop_p90": 0.1}
+    runs = {"t": {"benchmark": "leak-trace", "edited": 5, "rules": {"default": rule, "fixed_patience=200": rule}},
+            "other": _scale_run({}, "cached")}
+    lines = speed_tables.leak_trace_table(runs).splitlines()[2:]
+    assert len(lines) == 2 and all(line.startswith("| `t` | 5 |") for line in lines)
+    assert "1,200 (0.80)" in lines[0] and "fixed_patience 3, leak 2" in lines[0] and "0.0200" in lines[0]
