@@ -31,6 +31,7 @@ from benchmarks import report
 from benchmarks.harness import Judge, split_paraphrases
 from benchmarks.sme import build_stream, machine_info
 from patcher import EditRequest, Editor, PatcherConfig
+from patcher.steps import preactivation
 
 
 @dataclass
@@ -93,7 +94,7 @@ def trace_edits(editor: Editor, requests: Sequence[EditRequest]) -> list[dict]:
             row = {"fixed": bool(out[0].fixed), "leak": float(objective.leak(params, q_edit, editor.memory, editor.val_memory))}
             if len(rows) % step_fn.refresh == 0:
                 ze = out[0].z_rows[0].detach()
-                val = training.preactivation(params, editor.val_memory)
+                val = preactivation(params, editor.val_memory)
                 row["val_loss"] = float(objective.memory_loss(val, ze))
                 row["firing"] = bool(ze.min() > objective.config.act_margin)
                 row["key_norm"] = float(params["key"].norm())
