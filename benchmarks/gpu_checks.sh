@@ -5,13 +5,13 @@
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: .gpu/wheels (pydantic and its needs, for
 #                                             # the GPU image's Python 3.12) and .gpu/tokenizer
-#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 8 minutes
+#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 9.5 minutes
+#   GPU_CHECKS_TAG=-s10 bash benchmarks/gpu_checks.sh   # the same, each output stem ending in -s10
 #
 # Runs the scale benchmark in bf16: the cached step eager, compiled (torch.compile), recorded as a
-# CUDA graph (cuda_graph) and both, at the 1.1B and 8B shapes;
+# CUDA graph (cuda_graph) and both, and the full-forward step, at the 1.1B and 8B shapes;
 # then --lifecycle at 1.1B (the patch set applied to a copy of the base, the model folded, the edits
-# removed, each checked on the GPU). Each process has its own time limit; the full-forward mode is
-# in the committed scale-*-cuda-bfloat16.json. The JSON and logs go to $OUT (the device tool's
+# removed, each checked on the GPU). Each process has its own time limit. The JSON and logs go to $OUT (the device tool's
 # return folder), else to benchmarks/results/.
 # The JSON is rewritten after each mode, so a limit or a failing mode keeps what ran before it.
 # Commit the JSON files it brings back.
@@ -49,14 +49,16 @@ out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 status=0
+tag=${GPU_CHECKS_TAG:-}  # appended to each output stem, to keep an earlier machine's files
 run() {  # run <seconds> <output stem> <scale arguments...>: one process under its own limit
-  local limit=$1 stem=$2; shift 2
+  local limit=$1 stem=$2$tag; shift 2
   timeout "$limit" python3 -m benchmarks.scale --device cuda --dtype bfloat16 --tokenizer .gpu/tokenizer \
     --out "$out/$stem.json" "$@" 2>&1 | tee "$out/$stem.log" || status=1
 }
-# the step in each of its cached forms, one process per shape (a crash in one mode keeps what ran before it)
-run 200 scale-1.1b-cuda-bfloat16-graphed --shape 1.1b --modes cached,compiled,graphed,compiled-graphed
-run 190 scale-8b-cuda-bfloat16-graphed --shape 8b --modes cached,compiled,graphed,compiled-graphed
+# the step in each of its cached forms and the full-forward step beside them, one process per shape (a crash in
+# one mode keeps what ran before it)
+run 230 scale-1.1b-cuda-bfloat16-graphed --shape 1.1b --modes cached,compiled,graphed,compiled-graphed,full
+run 230 scale-8b-cuda-bfloat16-graphed --shape 8b --modes cached,compiled,graphed,compiled-graphed,full
 # the patches' life on the device (apply, fold, remove), in a process of its own
 run 100 scale-1.1b-cuda-bfloat16-lifecycle --shape 1.1b --modes cached --edits 4 --steps 5 --lifecycle
 exit $status

@@ -60,8 +60,8 @@ def _scale_modes_asked(result: dict) -> list[str]:
 def scale_table(results: dict[str, dict]) -> str:
     """``python -m benchmarks.scale`` results: one row per mode. A mode the command asked for but the
     file lacks is shown as such (the process ended during it). "full ÷ this" compares with the full
-    mode of the same file, else with that of another file of the same shape, device kind and dtype
-    (named in the cell)."""
+    mode of the same file, else with the fastest full mode among the files of the same shape, device
+    kind and dtype (named in the cell; the fastest gives the smallest ratio)."""
     header = ["result", "shape (parameters)", "device, dtype", "mode", "ms / step", "full ÷ this", "s / edit",
               "fixed", "memory build s (queries)", "peak GPU MB", "profiled edit: launches, syncs, .item() per step",
               "profiled edit: device busy / wall ms"]
@@ -70,8 +70,8 @@ def scale_table(results: dict[str, dict]) -> str:
     own_full = {stem: r["modes"].get("full", {}).get("ms_per_step") for stem, r in runs.items()}
     fulls = {}
     for stem, r in runs.items():
-        if own_full[stem]:
-            fulls.setdefault(setup(r), (stem, own_full[stem]))
+        if own_full[stem] and own_full[stem] < fulls.get(setup(r), (None, float("inf")))[1]:
+            fulls[setup(r)] = (stem, own_full[stem])
     rows = []
     for stem, r in runs.items():
         full_stem, full = (stem, own_full[stem]) if "full" in r["modes"] else fulls.get(setup(r), (None, None))

@@ -19,11 +19,12 @@ def test_scale_table_rows_ratios_and_missing_modes():
             "b": _scale_run({"compiled": mode(2.0)}, "compiled"),
             "c": _scale_run({"compiled": mode(2.0)}, "compiled", device_name="GPU Y"),
             "d": _scale_run({"cached": mode(1.0), "full": {"error": "RuntimeError: boom"}}, "cached,full")}
+    runs = {"slow": _scale_run({"full": mode(100.0)}, "full"), **runs}
     rows = {tuple(c.strip() for c in line.split("|")[1:5:3]): line
             for line in speed_tables.scale_table(runs).splitlines()[2:]}
     assert "| 20.0× |" in rows[("`a`", "cached")]
     assert "no result: the run ended during this mode" in rows[("`a`", "compiled (default)")]
-    assert "| 40.0× (full from `a`) |" in rows[("`b`", "compiled (default)")]
+    assert "| 40.0× (full from `a`) |" in rows[("`b`", "compiled (default)")], "the fastest full run (80 < 100 ms)"
     assert "| — |" in rows[("`c`", "compiled (default)")].split("2.00", 1)[1][:6]  # another GPU: no ratio
     assert "failed: RuntimeError: boom" in rows[("`d`", "full")] and "| — |" in rows[("`d`", "cached")]
 
