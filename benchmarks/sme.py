@@ -33,10 +33,22 @@ DEFAULT_METHODS = ("patcher", "faithful", "ft", "ftkl")  # the committed runs' d
 from benchmarks.report import plot, summary, write_json
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo), None where it cannot be read. Timings differ
+    between the machines a run may land on (2.1x for the same fact-check command between an
+    AVX-512 and an AVX2 machine), so every result names its CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     import transformers
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

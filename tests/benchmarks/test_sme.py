@@ -57,7 +57,8 @@ def test_json_structure(result, tmp_path):
     for key in ("task", "seed", "N", "machine", "wall_seconds", "methods", "stream_length", "base_mistakes", "judge"):
         assert key in data
     assert data["judge"] == "served"
-    assert {"platform", "cpu_count", "torch_threads"} <= set(data["machine"])
+    assert {"platform", "cpu_count", "torch_threads", "cpu_model", "cpu_capability"} <= set(data["machine"])
+    assert isinstance(data["machine"]["cpu_capability"], str) and data["machine"]["cpu_capability"]
     assert data["stream_length"] == min(3, data["base_mistakes"]) > 0
     assert list(data["methods"]) == list(RUN)
     for name, res in data["methods"].items():
