@@ -33,6 +33,9 @@ ENV_DEFAULTS: dict[str, str] = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # a night without a Prefect server starts a temporary one, which creates its database first; on a
+    # busy 2-core machine that took over Prefect's default wait of 20 s and the night failed to start
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 

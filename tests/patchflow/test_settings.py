@@ -55,3 +55,12 @@ def test_config_dir_override(monkeypatch, tmp_path: Path, capsys):
     assert Settings().config_dir == tmp_path
     assert cli.main(["status", "nope"]) == 2
     assert f"{tmp_path}/nope.yaml does not exist" in capsys.readouterr().err
+
+
+def test_prefect_reads_the_temporary_server_wait():
+    """The default is a real Prefect setting (a misspelt name would be ignored silently)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    assert ENV_DEFAULTS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
+    assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == int(
+        os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
