@@ -6,13 +6,13 @@
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: .gpu/wheels (pydantic and its needs, for
 #                                             # the GPU image's Python 3.12) and .gpu/tokenizer
 #   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 9.5 minutes
-#   GPU_CHECKS_TAG=-s10 bash benchmarks/gpu_checks.sh   # the same, each output stem ending in -s10
+#   GPU_CHECKS_TAG=-nov27 bash benchmarks/gpu_checks.sh   # the same, each output stem ending in -nov27
 #
 # Runs the scale benchmark in bf16: the cached step eager, compiled (torch.compile), recorded as a
 # CUDA graph (cuda_graph) and both, and the full-forward step, at the 1.1B and 8B shapes;
 # then --lifecycle at 1.1B (the patch set applied to a copy of the base, the model folded, the edits
-# removed, each checked on the GPU). Each process has its own time limit. The JSON and logs go to $OUT (the device tool's
-# return folder), else to benchmarks/results/.
+# removed, each checked on the GPU). Each process has its own time limit. The JSON and logs go to
+# $OUT (the device tool's return folder), else to benchmarks/results/.
 # The JSON is rewritten after each mode, so a limit or a failing mode keeps what ran before it.
 # Commit the JSON files it brings back.
 set -uo pipefail
