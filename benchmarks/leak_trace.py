@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections import Counter
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +123,8 @@ def summarise(edits: list[dict], config: PatcherConfig) -> dict:
     for name, rule in rules(config).items():
         stops = [rule.stop(e["trace"], config.memory_refresh) for e in edits]
         leaks = sorted(e["trace"][n - 1]["leak"] for e, (n, _) in zip(edits, stops))
-        reasons: dict[str, int] = {}
-        for _, why in stops:
-            reasons[why] = reasons.get(why, 0) + 1
         out[name] = {"steps": sum(n for n, _ in stops), "mean_steps": statistics.mean(n for n, _ in stops),
-                     "reasons": reasons, "leak_at_stop_median": statistics.median(leaks),
+                     "reasons": dict(Counter(why for _, why in stops)), "leak_at_stop_median": statistics.median(leaks),
                      "leak_at_stop_p90": leaks[int(0.9 * (len(leaks) - 1))]}
     default = out["default"]["steps"]
     for row in out.values():
