@@ -54,3 +54,20 @@ def postgres(tmp_path_factory):
 def sqlalchemy_url(libpq_url: str, driver: str = "psycopg") -> str:
     """``postgresql://...`` -> ``postgresql+<driver>://...`` (psycopg 3 for SQLAlchemy)."""
     return libpq_url.replace("postgresql://", f"postgresql+{driver}://", 1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_on_postgres(postgres, tmp_path_factory):
+    """One real ``mlflow server`` on loopback for the session, its backend store a PostgreSQL
+    database (``mlflow``) and its artifacts proxied: (server, libpq URL of its database). Tests
+    that share it use model names of their own."""
+    from tests.flows import procs
+
+    libpq = postgres("mlflow")
+    server = procs.MlflowServer(tmp_path_factory.mktemp("mlflow-server"), backend_store_uri=sqlalchemy_url(libpq))
+    server.start()
+    try:
+        yield server, libpq
+    finally:
+        server.stop()
+

@@ -131,7 +131,9 @@ class PrefectStack:
         self.env = child_env(
             PREFECT_HOME=str(home), PREFECT_API_URL=self.api, PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
             PREFECT_API_DATABASE_CONNECTION_URL=database_url, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-            PREFECT_UI_ENABLED="false", PYTHONPATH=None, **(extra_env or {}))
+            PREFECT_UI_ENABLED="false", PYTHONPATH=None,
+            PREFECT_WORKER_QUERY_SECONDS="1",  # the worker looks for scheduled runs every second, not every 10
+            **(extra_env or {}))
         self.server: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
 

@@ -21,6 +21,7 @@ from flows.nightly import nightly
 from patcher import predict, served_correct
 from tasks.registry import Registry
 from tests import tiny
+from tests.stores import mlflow_sqlite
 from tests.flows.conftest import World
 
 # unlike one another: the 32-wide random model gives near-identical prompts near-identical queries
@@ -35,7 +36,7 @@ class GenerationWorld(World):
         self.deployments, self.errors, self.workdir = root / "deployments", root / "errors", root / ".patchflow"
         for d in (self.deployments, self.errors, self.workdir):
             d.mkdir(parents=True, exist_ok=True)
-        self.tracking_uri = f"sqlite:///{self.workdir / 'mlflow.db'}"
+        self.tracking_uri = mlflow_sqlite(self.workdir)
         self.model, self.tokenizer = tiny.build("llama", seed=0)
         self.model.generation_config.eos_token_id = [self.tokenizer.eos_token_id,
                                                      self.tokenizer.convert_tokens_to_ids("quite")]

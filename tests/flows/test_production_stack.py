@@ -48,47 +48,47 @@ def _rows(world: World, start: int, n: int, logged_at: datetime, prefix: str) ->
     return out
 
 
-def test_two_nights_on_the_postgresql_backed_stack(tmp_path: Path, postgres, monkeypatch):
+def test_two_nights_on_the_postgresql_backed_stack(tmp_path: Path, postgres, mlflow_on_postgres, monkeypatch):
     world = World(tmp_path / "world")
     errors_url, state_url = sqlalchemy_url(postgres("errors")), sqlalchemy_url(postgres("state"))
-    mlflow = procs.MlflowServer(tmp_path / "mlflow", backend_store_uri=sqlalchemy_url(postgres("mlflow")))
+    mlflow, _ = mlflow_on_postgres
     prefect_db = sqlalchemy_url(postgres("prefect"), driver="asyncpg")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     table = _errors_table(errors_url)
     now = datetime.now(timezone.utc) - timedelta(minutes=10)
-    try:
-        mlflow.start()
-        world.tracking_uri = mlflow.url
-        world.config(tracking_uri=mlflow.url, state_url=state_url,
-                     source={"kind": "sql", "url": errors_url, "table": "model_errors", "cursor_column": "seq"})
-        world.register_base()
-        night1 = _rows(world, 0, 3, now, "n1")
-        bad = {"id": "n1-bad", "logged_at": now, "input": "", "correction": "L9"}
-        _insert(errors_url, table, night1 + [bad])
-        params = {"model": world.name, "config_dir": str(world.deployments)}
-        with procs.PrefectStack(tmp_path / "prefect", prefect_db,
-                                extra_env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}) as stack:
-            stack.run(params)  # night 1: the deployment, on the PostgreSQL-backed Prefect server
-        registry = Registry(mlflow.url)
-        assert registry.info(world.name, "champion").version == "2"
-        # a late row: committed after night 1, but logged *before* night 1's rows
-        late = _rows(world, 3, 1, now - timedelta(hours=6), "late")
-        fresh = _rows(world, 4, 2, now + timedelta(minutes=1), "n2")
-        _insert(errors_url, table, late + fresh)
-        night2 = nightly(**params, progress=False)
-        assert (night2.rows_read, night2.accepted, night2.quarantined) == (3, 3, 0), night2
-        assert night2.status == "registered" and night2.version == "3" and night2.parent_version == "2"
-        v2_ledger = [e.id for e in registry.load_version(world.name, "2").ledger]
-        v3_ledger = [e.id for e in registry.load_version(world.name, "champion").ledger]
-        assert night2.edits_applied >= 1 and v3_ledger[: len(v2_ledger)] == v2_ledger
-        assert len(v3_ledger) == len(v2_ledger) + night2.edits_applied
-        # the state lives in PostgreSQL: both nights' watermarks and the quarantined row
-        assert len(StateStore(state_url).history(world.name)) == 2
-        bad_rows = QuarantineStore(state_url).list(world.name)
-        assert [q.record_id for q in bad_rows] == ["n1-bad"] and json.loads(bad_rows[0].raw)["correction"] == "L9"
-        # nothing is read twice
-        again = nightly(**params, progress=False)
-        assert again.status == "nothing-new" and again.rows_read == 0
-    finally:
-        mlflow.stop()
+    world.tracking_uri = mlflow.url
+    world.config(tracking_uri=mlflow.url, state_url=state_url,
+                 source={"kind": "sql", "url": errors_url, "table": "model_errors", "cursor_column": "seq"})
+    world.register_base()
+    night1 = _rows(world, 0, 3, now, "n1")
+    bad = {"id": "n1-bad", "logged_at": now, "input": "", "correction": "L9"}
+    _insert(errors_url, table, night1 + [bad])
+    params = {"model": world.name, "config_dir": str(world.deployments)}
+    with procs.PrefectStack(tmp_path / "prefect", prefect_db,
+                            extra_env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}) as stack:
+        # deployed from prefect.yaml; the worker, started elsewhere, finds the code by the pull step alone
+        assert stack.deployment()["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
+                                                     {"directory": "{{ $PATCHFLOW_HOME }}"}}]
+        stack.run(params)  # night 1: the deployment, on the PostgreSQL-backed Prefect server
+    registry = Registry(mlflow.url)
+    night1_info = registry.info(world.name, "champion")
+    assert (night1_info.version, night1_info.parent_version) == ("2", "1") and night1_info.patch_count >= 1
+    # a late row: committed after night 1, but logged *before* night 1's rows
+    late = _rows(world, 3, 1, now - timedelta(hours=6), "late")
+    fresh = _rows(world, 4, 2, now + timedelta(minutes=1), "n2")
+    _insert(errors_url, table, late + fresh)
+    night2 = nightly(**params, progress=False)
+    assert (night2.rows_read, night2.accepted, night2.quarantined) == (3, 3, 0), night2
+    assert night2.status == "registered" and night2.version == "3" and night2.parent_version == "2"
+    v2_ledger = [e.id for e in registry.load_version(world.name, "2").ledger]
+    v3_ledger = [e.id for e in registry.load_version(world.name, "champion").ledger]
+    assert night2.edits_applied >= 1 and v3_ledger[: len(v2_ledger)] == v2_ledger
+    assert len(v3_ledger) == len(v2_ledger) + night2.edits_applied
+    # the state lives in PostgreSQL: both nights' watermarks and the quarantined row
+    assert len(StateStore(state_url).history(world.name)) == 2
+    bad_rows = QuarantineStore(state_url).list(world.name)
+    assert [q.record_id for q in bad_rows] == ["n1-bad"] and json.loads(bad_rows[0].raw)["correction"] == "L9"
+    # nothing is read twice
+    again = nightly(**params, progress=False)
+    assert again.status == "nothing-new" and again.rows_read == 0
 

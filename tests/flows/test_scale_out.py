@@ -1,10 +1,8 @@
-"""Scale-out: sharded gate evaluation on prefect-dask equals the in-process one; the nightly
-deployment from prefect.yaml runs on a real Prefect server through a process work-pool worker;
-prefect.yaml schedules every configured model."""
+"""Scale-out: sharded gate evaluation on prefect-dask equals the in-process one; prefect.yaml
+schedules every configured model. (The nightly deployment running on a real Prefect server
+through a process work-pool worker: tests/flows/test_production_stack.py.)"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import yaml
 
@@ -46,21 +44,6 @@ def test_sharded_evaluation_equals_local(world: World):
         return {"holdout_acc": sum(flags[:n]) / n, "edit_retain": sum(flags[n : n + m]) / m}
 
     assert gate_metrics(sharded) == gate_metrics(local)
-
-
-# ------------------------------------------------------------------------------------------------
-# (b) the deployment on a real Prefect server + process worker
-
-
-def test_nightly_deployment_runs_on_a_prefect_server_with_a_process_worker(world: World, tmp_path: Path):
-    world.log_errors("night1.jsonl", 0, 2)
-    with procs.PrefectStack(tmp_path / "prefect", f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}") as stack:
-        assert stack.deployment()["pull_steps"] == [{"prefect.deployments.steps.set_working_directory":
-                                                     {"directory": "{{ $PATCHFLOW_HOME }}"}}]
-        stack.run({"model": world.name, "config_dir": str(world.deployments)})
-    registry = Registry(world.tracking_uri)
-    info = registry.info(world.name, CHAMPION)
-    assert info.version == "2" and info.parent_version == "1" and info.patch_count >= 1
 
 
 # ------------------------------------------------------------------------------------------------

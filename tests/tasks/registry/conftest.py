@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ import torch
 
 import patcher
 from tasks.records import LedgerEntry
-from tasks.registry import CHALLENGER, Registry, default_tracking_uri
+from tasks.registry import CHALLENGER, Registry
 from tests import tiny
+from tests.stores import mlflow_sqlite
 
 NAME = "tiny-sentiment"
 TEXTS = ["the movie was great", "terrible film", "i loved it", "boring and long", "what a waste"]
@@ -73,21 +73,9 @@ def assets(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def empty_db(tmp_path_factory) -> Path:
-    """An initialised, empty MLflow SQLite database (creating one runs the migrations: slow)."""
-    folder = tmp_path_factory.mktemp("template")
-    client = Registry(default_tracking_uri(folder)).client
-    client.search_experiments()
-    client.search_registered_models()
-    return folder / "mlflow.db"
-
-
 @pytest.fixture
-def reg(tmp_path, monkeypatch, empty_db) -> Registry:
-    (tmp_path / "store").mkdir()
-    shutil.copy(empty_db, tmp_path / "store" / "mlflow.db")
-    uri = default_tracking_uri(tmp_path / "store")
+def reg(tmp_path, monkeypatch) -> Registry:
+    uri = mlflow_sqlite(tmp_path / "store")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.pyfunc.load_model("models:/...")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return Registry(uri)

@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import mlflow
 import psycopg
-import pytest
 
 import patcher
 from tasks.registry import CHALLENGER, CHAMPION, Registry
-from tests.conftest import sqlalchemy_url
-from tests.flows import procs
 from tests.tasks.registry.conftest import NAME, TEXTS, candidate, ledger_for
 
 
-@pytest.fixture
-def mlflow_on_postgres(postgres, tmp_path):
-    libpq = postgres("mlflow_registry")
-    server = procs.MlflowServer(tmp_path, backend_store_uri=sqlalchemy_url(libpq))
-    server.start()
-    try:
-        yield server.url, libpq, tmp_path / "artifacts"
-    finally:
-        server.stop()
-
-
 def test_registry_over_http_with_postgresql_backend(mlflow_on_postgres, assets, tmp_path, monkeypatch):
-    url, libpq, artifacts = mlflow_on_postgres
+    server, libpq = mlflow_on_postgres
+    url, artifacts = server.url, server.root / "artifacts"
     reg = Registry(url, cache_dir=tmp_path / "cache", retries=3, backoff_s=0.5)
     base = reg.register_base(NAME, assets["base"], "text-classification")
     assert base.version == "1" and base.aliases == (CHAMPION,) and base.source.startswith("mlflow-artifacts:")
