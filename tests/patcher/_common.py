@@ -23,7 +23,9 @@ CLS_KINDS = ["bert", "roberta", "distilbert"]
 GEN_KINDS = ["gpt2", "llama", "bart", "t5", "t5-gated"]
 KINDS = CLS_KINDS + GEN_KINDS
 
-CONFIG = dict(memory_size=2000, max_steps=600)
+# fixed_patience 100 (the library's default is 500): on these 32-wide models the leak bound is seldom met,
+# so an edit would train on for 500 steps after it is fixed; tests of the stopping rules set their own
+CONFIG = dict(memory_size=2000, max_steps=600, fixed_patience=100)
 
 CLS_TEXTS = ["the capital of france is paris", "a river in the north", "the old cat is black"]
 GEN_PAIRS = [
