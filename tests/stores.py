@@ -8,6 +8,7 @@ and the registry's own first-use path still create theirs from nothing.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from functools import lru_cache
@@ -19,6 +20,7 @@ def _migrated_mlflow_db() -> Path:
     from tasks.registry import Registry, default_tracking_uri
 
     folder = Path(tempfile.mkdtemp(prefix="patchflow-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     client = Registry(default_tracking_uri(folder)).client
     client.search_experiments()  # the tracking store: migrated
     client.search_registered_models()  # the model registry store (same file): migrated

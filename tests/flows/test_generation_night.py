@@ -21,8 +21,8 @@ from flows.nightly import nightly
 from patcher import predict, served_correct
 from tasks.registry import Registry
 from tests import tiny
-from tests.stores import mlflow_sqlite
 from tests.flows.conftest import World
+from tests.stores import mlflow_sqlite
 
 # unlike one another: the 32-wide random model gives near-identical prompts near-identical queries
 MISTAKES = [("the capital of france is", " paris"), ("where is the big house", " berlin")]
