@@ -177,42 +177,44 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     gr_kinds: list[str] = []
     snapshots: dict[int, dict] = {}
     t_run = time.perf_counter()
-    for t, item in enumerate(tqdm(stream, desc=name, unit="item", disable=not settings.progress), start=1):
-        train_eq, gr_eq = split_paraphrases(item, settings.gr_mode)
-        already = judge.one(model, tok, (item.input, item.target))
-        row = {"t": t, "id": item.id, "fixed_before_edit": already}
-        if not already:
-            request = EditRequest(id=item.id, input=item.input, target=item.target, equivalents=train_eq)
-            t0 = time.perf_counter()
-            result = editor.edit(request)
-            seconds = time.perf_counter() - t0
-            ok = judge.one(model, tok, (item.input, item.target))
-            gr = judge.correct(model, tok, [(p, item.target) for p in gr_eq])
-            edited.append(item)
-            sr_flags.append(ok)
-            gr_flags.extend(gr)
-            gr_kinds.extend(held_out_kinds(item, settings.gr_mode))
-            row.update(success=ok, reported_fixed=bool(result.fixed), gr_correct=sum(gr), gr_total=len(gr),
-                       gr=[bool(g) for g in gr],  # per held-out paraphrase, in the item's order (by template)
-                       seconds=seconds, steps=result.steps, neurons=result.neurons,
-                       losses={k: round(v, 5) for k, v in (result.losses or {}).items()})
-            if settings.progress:
-                tqdm.write(f"[{name}] {t}/{len(stream)} {item.id}: {'fixed' if ok else 'NOT fixed'} "
-                           f"steps={result.steps} {seconds:.2f}s GR {sum(gr)}/{len(gr)}", file=sys.stderr)
-        rows.append(row)
-        if t % settings.every == 0 or t == len(stream):
-            er = judge.correct(model, tok, [(i.input, i.target) for i in edited])
-            test = judge.correct(model, tok, [task.test_eval[i] for i in base.series_test_idx])
-            series.append({
-                "t": t, "edits": len(edited), "sr": metrics.success_rate(sr_flags),
-                "gr": metrics.generalization_rate(gr_flags), "er": metrics.edit_retain_rate(er),
-                "test_retained": metrics.retained([base.test[i] for i in base.series_test_idx], test),
-                "test_r": metrics.net_ratio(metrics.rate(test), base.acc("test", base.series_test_idx)),
-                "neurons": _neurons(editor), "edit_seconds": sum(r.get("seconds", 0.0) for r in rows),
-            })
-        if t in snapshot_at:
-            snapshots[t] = {"test_predictions": predictions(model, tok, task.test_eval),
-                            "success": [r.get("success") for r in rows]}
+    batch = editor.config.edit_batch if isinstance(editor, Editor) else 1
+    bar = tqdm(total=len(stream), desc=name, unit="item", disable=not settings.progress)
+    for start in range(0, len(stream), batch):
+        chunk = list(enumerate(stream[start:start + batch], start=start + 1))
+        outcomes = _edit_chunk(editor, model, tok, judge, [item for _, item in chunk], settings.gr_mode)
+        bar.update(len(chunk))
+        for (t, item), (already, result, seconds) in zip(chunk, outcomes):
+            _, gr_eq = split_paraphrases(item, settings.gr_mode)
+            row = {"t": t, "id": item.id, "fixed_before_edit": already}
+            if not already:
+                ok = judge.one(model, tok, (item.input, item.target))
+                gr = judge.correct(model, tok, [(p, item.target) for p in gr_eq])
+                edited.append(item)
+                sr_flags.append(ok)
+                gr_flags.extend(gr)
+                gr_kinds.extend(held_out_kinds(item, settings.gr_mode))
+                row.update(success=ok, reported_fixed=bool(result.fixed), gr_correct=sum(gr), gr_total=len(gr),
+                           gr=[bool(g) for g in gr],  # per held-out paraphrase, in the item's order (by template)
+                           seconds=seconds, steps=result.steps, neurons=result.neurons,
+                           losses={k: round(v, 5) for k, v in (result.losses or {}).items()})
+                if settings.progress:
+                    tqdm.write(f"[{name}] {t}/{len(stream)} {item.id}: {'fixed' if ok else 'NOT fixed'} "
+                               f"steps={result.steps} {seconds:.2f}s GR {sum(gr)}/{len(gr)}", file=sys.stderr)
+            rows.append(row)
+            if t % settings.every == 0 or t == len(stream):
+                er = judge.correct(model, tok, [(i.input, i.target) for i in edited])
+                test = judge.correct(model, tok, [task.test_eval[i] for i in base.series_test_idx])
+                series.append({
+                    "t": t, "edits": len(edited), "sr": metrics.success_rate(sr_flags),
+                    "gr": metrics.generalization_rate(gr_flags), "er": metrics.edit_retain_rate(er),
+                    "test_retained": metrics.retained([base.test[i] for i in base.series_test_idx], test),
+                    "test_r": metrics.net_ratio(metrics.rate(test), base.acc("test", base.series_test_idx)),
+                    "neurons": _neurons(editor), "edit_seconds": sum(r.get("seconds", 0.0) for r in rows),
+                })
+            if t in snapshot_at:
+                snapshots[t] = {"test_predictions": predictions(model, tok, task.test_eval),
+                                "success": [r.get("success") for r in rows]}
+    bar.close()
     run_s = time.perf_counter() - t_run
 
     t_eval = time.perf_counter()
@@ -262,6 +264,31 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
         patched = predictions(model, tok, task.test_eval)
         result["folded_test_agreement"] = agreement(patched, predictions(editor.folded(), tok, task.test_eval))
     return {"result": result, "snapshots": snapshots}
+
+
+def _edit_chunk(editor, model, tok, judge: "Judge", items: list[Item], gr_mode: str) -> list[tuple]:
+    """(fixed before its edit, the edit's result or None, seconds) per item. One at a time: judged
+    before each edit, as served. With ``edit_batch``: the chunk's mistakes go to ``edit_batch``
+    together, which finds those already right at their turn itself (``already_correct``, the same
+    served check for classifiers and, greedy decoding being argmax, for generators), and every
+    item is judged once the whole chunk is kept."""
+    requests = [EditRequest(id=i.id, input=i.input, target=i.target, equivalents=split_paraphrases(i, gr_mode)[0])
+                for i in items]
+    if len(items) == 1 or not isinstance(editor, Editor) or editor.config.edit_batch == 1:
+        out = []
+        for item, request in zip(items, requests):
+            if judge.one(model, tok, (item.input, item.target)):
+                out.append((True, None, 0.0))
+                continue
+            t0 = time.perf_counter()
+            result = editor.edit(request)
+            out.append((False, result, time.perf_counter() - t0))
+        return out
+    results = editor.edit_batch(requests)
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return [(r.already_correct, r, r.seconds) for r in results]
 
 
 def _neurons(editor) -> int:

@@ -71,6 +71,12 @@ class PatcherConfig(BaseModel):
                              "backward, clip, Adam) as a CUDA graph after 3 ordinary steps and replay it, one launch "
                              "per step instead of hundreds; elsewhere the same step runs without a graph (no gain). "
                              "Not with lr_scheduler (a recorded update keeps its learning rate) (ours)")
+    edit_batch: int = Field(1, ge=1, description="Editor.edit_batch: mistakes whose neurons train side by side "
+                            "(several edits' worth of work per step, which small models on CPUs do in little more "
+                            "time than one), then are kept in order, each only once checked on the model as the "
+                            "ones before it left it; otherwise it is trained again alone (patcher.batching). Needs "
+                            "cached mode, stop_rule leak, no lr_scheduler or cuda_graph, per-neuron top-k and our "
+                            "edit memory. 1: one at a time (ours)")
     # ---- where our mode and the reference differ (the default is ours; see ``reference``)
     value_init: Literal["ours", "reference"] = Field(
         "ours", description="ours: values N(0,1)/sqrt(d) times one trainable amplifier per neuron; reference: "
@@ -126,6 +132,16 @@ class PatcherConfig(BaseModel):
         if self.cuda_graph and (not self.cached or self.lr_scheduler is not None):
             raise ValueError("cuda_graph records the cached step with a fixed learning rate: it needs cached=True "
                              "and lr_scheduler=None")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_needs_our_rules(self) -> "PatcherConfig":
+        ours = dict(cached=True, stop_rule="leak", lr_scheduler=None, cuda_graph=False, loss_topk="per_neuron",
+                    edit_memory="ours")
+        off = [f"{k}={getattr(self, k)!r}" for k, v in ours.items() if getattr(self, k) != v]
+        if self.edit_batch > 1 and off:
+            raise ValueError(f"edit_batch={self.edit_batch} trains edits side by side with our cached step and "
+                             f"stopping rules; it cannot with {', '.join(off)} (set edit_batch=1)")
         return self
 
     @classmethod

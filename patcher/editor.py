@@ -4,6 +4,7 @@ The base model is frozen. For each mistake we add neurons to the last FFN and tr
 ``objective.Objective`` (fire on the mistake and its paraphrases, stay silent on unrelated inputs and earlier
 edits). ``edit`` reads top to bottom: encode, capture, pick the wrong positions, train (``steps.CachedStep`` or
 ``steps.FullStep`` driven by ``training.train``), add the block, check it on the real model, remember its queries.
+``edit_batch`` trains several mistakes side by side and keeps them in order (``batching``).
 
 Generators are edited as served: a decoder-only answer is trained followed by a stop token, and
 an edit is fixed only if greedy generation gives the answer and stops (``train_stop``).
@@ -17,11 +18,10 @@ as fixed only if the model itself, in its own dtype, gets it right with them.
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,26 +34,24 @@ from .layer import PatchBlock, PatchedFFN
 from .objective import Objective, matched_margin
 from .predict import predict, served_correct, target_correct
 from .records import EditRequest, EditResult
-from .steps import CachedStep, FullStep, Params, init_neurons, to_block
+from .steps import CachedStep, Captured, FullStep, edit_seed, init_neurons, to_block
 from .training import TrainLog, train
 
 
 @dataclass
-class Captured:
-    """Cached vectors at the query positions: FFN input, residual, FFN output, and the logits."""
+class Prepared:
+    """A mistake ready to train: encodings (the mistake first), capture, labels, positions, seed."""
 
-    q: torch.Tensor
-    resid: torch.Tensor
-    y: torch.Tensor
-    logits: torch.Tensor
+    request: EditRequest
+    variants: list[Encoded]
+    cap: Captured
+    labels: torch.Tensor
+    positions: list[int]
+    seed: int
 
 
 class _QueriesTaken(Exception):
     """Ends a forward pass early: the queries were all that was asked for."""
-
-
-def _edit_seed(seed: int, edit_id: str) -> int:
-    return int(hashlib.sha256(f"{seed}:{edit_id}".encode()).hexdigest()[:8], 16)
 
 
 class Editor:
@@ -108,10 +106,8 @@ class Editor:
             if queries_only:
                 raise _QueriesTaken
 
-        handles = [
-            self.ffn.ins[0].register_forward_pre_hook(take_q),
-            self.ffn.out.register_forward_hook(lambda m, a, o: store.__setitem__("y", o)),
-        ]
+        handles = [self.ffn.ins[0].register_forward_pre_hook(take_q),
+                   self.ffn.out.register_forward_hook(lambda m, a, o: store.__setitem__("y", o))]
         if self._pre_norm is not None:
             handles.append(self._pre_norm.register_forward_pre_hook(lambda m, a: store.__setitem__("resid", a[0])))
         try:
@@ -274,30 +270,50 @@ class Editor:
     def edit(self, request: EditRequest) -> EditResult:
         """Fix one mistake. Already right: nothing added. Not fixable: nothing left behind."""
         t0 = time.perf_counter()
+        prepared = self._prepare(request, t0)
+        return prepared if isinstance(prepared, EditResult) else self._train_and_keep(prepared, t0)
+
+    def edit_batch(self, requests: Sequence[EditRequest]) -> list[EditResult | PatchError]:
+        """Fix several mistakes, trained side by side and kept in order (see ``batching``): each
+        result is one that ``edit`` could have given; a request that cannot be patched gets its
+        ``PatchError`` in its place, and the others are patched."""
+        from .batching import edit_batch
+        return edit_batch(self, requests)
+
+    def _prepare(self, request: EditRequest, t0: float) -> Prepared | EditResult:
+        """Encode and capture the mistake and pick the neurons' positions; already right: the result."""
         if not isinstance(request.id, str) or not request.id:
             raise PatchError("edit id must be a non-empty string")
         if request.id in self.ffn.edit_ids():
             raise PatchError(f"edit {request.id!r} is already patched into this model")
         variants = self._variants(request)
-        main, n_pos = variants[0], len(variants[0].labels)
-        cap = self.capture(variants)
+        n_pos, cap = len(variants[0].labels), self.capture(variants)
         if self._stops:
             choose_stop(variants, cap.logits[n_pos - 1], self._stops)
-        labels = labels_of([main], self.device)
+        labels = labels_of([variants[0]], self.device)
         wrong = (cap.logits[:n_pos].argmax(-1).to(self.device) != labels).nonzero().flatten().tolist()
         if not wrong:
             return EditResult(request.id, fixed=True, already_correct=True, seconds=time.perf_counter() - t0,
                               message="already correct: nothing added")
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
+        return Prepared(request, variants, cap, labels, positions, edit_seed(self.config.seed, request.id))
 
-        c, seed = self.config, _edit_seed(self.config.seed, request.id)
-        batches = self._training_batches(cap, variants, n_pos, seed) if c.cached else None
-        t_train, steps = 0.0, 0
-        # an edit left unfixed is trained once more from fresh neurons, retry_neurons of them per wrong position
+    def _train_and_keep(self, p: Prepared, t0: float, first: tuple[PatchBlock, TrainLog, float] | None = None) -> EditResult:
+        """Train, add, check on the model; unfixed: once more from ``retry_neurons`` fresh neurons per
+        position. ``first``: the first try's neurons, log and seconds, trained by ``edit_batch``."""
+        c, request, main = self.config, p.request, p.variants[0]
+        batches, t_train, steps = None, 0.0, 0
         for per_position in dict.fromkeys((1, c.retry_neurons)):
-            t = time.perf_counter()
-            block, log = self._train(request.id, positions * per_position, cap, main, variants, labels, batches, seed)
-            t_train, steps = t_train + time.perf_counter() - t, steps + log.steps
+            if first is not None and per_position == 1:
+                block, log, seconds = first
+            else:
+                if batches is None and c.cached:
+                    batches = self._training_batches(p.cap, p.variants, len(main.labels), p.seed)
+                t = time.perf_counter()
+                block, log = self._train(request.id, p.positions * per_position, p.cap, main, p.variants, p.labels,
+                                         batches, p.seed)
+                seconds = time.perf_counter() - t
+            t_train, steps = t_train + seconds, steps + log.steps
             self.ffn.add(block)
             fixed = self.is_correct(request.input, request.target)
             kept = fixed or (c.keep_unfixed and per_position == c.retry_neurons)
@@ -305,7 +321,7 @@ class Editor:
                 break
             self.ffn.remove(request.id)
         if kept:
-            self._remember_edit(variants, cap.q.float())
+            self._remember_edit(p.variants, p.cap.q.float())
         message = "" if fixed else f"not fixed after {steps} steps: " + ("neurons kept" if kept else "no neuron kept")
         return EditResult(request.id, fixed=fixed, steps=steps, seconds=time.perf_counter() - t0,
                           train_seconds=t_train, neurons=block.neurons if kept else 0, losses=log.losses,
@@ -331,10 +347,6 @@ class Editor:
         with rng:
             log = train(step, params, objective, self.memory, self.val_memory, q_edit, check_every)
         return to_block(edit_id, params, self.family.gated, self.dtype), log
-
-    def edit_stream(self, requests: Iterable[EditRequest], progress: bool = True) -> list[EditResult]:
-        from tqdm.auto import tqdm
-        return [self.edit(r) for r in tqdm(list(requests), desc="patching", unit="edit", disable=not progress)]
 
     def _training_batches(self, cap: Captured, variants: list[Encoded], n_pos: int, seed: int):
         """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d).

@@ -68,20 +68,23 @@ class Objective:
         self.margin = config.memory_margin if config.memory_margin is not None else matched_margin(act)
 
     def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.edit_loss_rows(logits, labels).mean()
+
+    def edit_loss_rows(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(rows,): each row's edit loss; ``edit_loss`` is their mean."""
         c = self.config
         if self.task == "generation" and c.label_smoothing_form == "reference":
             # src/utils.py label_smoothed_nll_loss: eps/(V-1) on every other class, 1-eps on the target
             lp = logits.float().log_softmax(-1)
             eps, eps_i = c.label_smoothing, c.label_smoothing / (logits.shape[-1] - 1)
             nll = -lp.gather(-1, labels[:, None]).squeeze(-1)
-            return ((1.0 - eps - eps_i) * nll - eps_i * lp.sum(-1)).mean()
+            return (1.0 - eps - eps_i) * nll - eps_i * lp.sum(-1)
         if self.task == "generation":
-            return F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
-        loss = F.cross_entropy(logits, labels)
+            return F.cross_entropy(logits, labels, label_smoothing=c.label_smoothing, reduction="none")
+        loss = F.cross_entropy(logits, labels, reduction="none")
         if logits.shape[-1] == 2 and c.entropy_weight:
             p = logits.softmax(-1)
-            entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-            loss = loss - c.entropy_weight * entropy
+            loss = loss + c.entropy_weight * (p * p.clamp_min(1e-12).log()).sum(-1)  # minus w * entropy
         return loss
 
     def act_loss(self, z_rows: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ are added: for a bf16/fp16 model the check rounds the neurons to that dtype and 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -36,11 +37,26 @@ GEMV_ROWS = 4096  # CPU: from this many memory rows on, one neuron's scores are 
 
 
 @dataclass
+class Captured:
+    """Cached vectors at the query positions: FFN input, residual, FFN output, and the logits."""
+
+    q: torch.Tensor
+    resid: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor
+
+
+@dataclass
 class StepOut:
     logits: torch.Tensor  # (rows, classes), fp32, with gradient
     labels: torch.Tensor  # (rows,)
     z_rows: torch.Tensor  # (R, n): neuron i's pre-activation at its own position in training row r
     fixed: torch.Tensor  # 0-dim bool: every target position of the mistake is right
+
+
+def edit_seed(seed: int, edit_id: str) -> int:
+    """The seed of one edit's random draws (its values, its dropout masks), from the run's seed and its id."""
+    return int(hashlib.sha256(f"{seed}:{edit_id}".encode()).hexdigest()[:8], 16)
 
 
 def init_neurons(q_edit: torch.Tensor, d_out: int, amplifier: float, gated: bool, seed: int,

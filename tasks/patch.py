@@ -171,7 +171,8 @@ def patch_night(
     records: list[ErrorRecord],
     on_edit: Callable[[int, int, EditResult | PatchFailure], None] | None = None,
 ) -> PatchRun:
-    """Apply ``records`` to the parent version sequentially, resuming from a checkpoint if one exists."""
+    """Apply ``records`` to the parent version in order (``edit_batch`` at a time, checkpointed after each),
+    resuming from a checkpoint if one exists."""
     key = night_key(parent.version, records)
     ckpt = Checkpoint(cfg.model_workdir / "checkpoints" / key)
     patch_dir, progress = ckpt.latest()
@@ -190,25 +191,38 @@ def patch_night(
     resumed_after = len(done)
     if patch_dir is None:
         patch_dir = ckpt.save(editor.patch_set(), progress)
+    todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
+    size = cfg.patcher.edit_batch  # 1: one edit at a time; more: trained side by side, kept in order
     try:
-        for i, record in enumerate(records):
-            if record.id in done:
-                continue
-            try:
-                step: EditResult | PatchFailure = editor.edit(to_request(record, cfg.paraphrase_holdout))
-                progress.results.append(step)
-            except PatchError as exc:  # this record cannot be patched; the others can
-                step = PatchFailure(id=record.id, reason=f"unpatchable: {exc}")
-                progress.failed.append(step)
+        for start in range(0, len(todo), size):
+            chunk = todo[start:start + size]
+            requests = [to_request(record, cfg.paraphrase_holdout) for _, record in chunk]
+            outcomes = editor.edit_batch(requests) if size > 1 else [_edit_one(editor, requests[0])]
+            steps: list[EditResult | PatchFailure] = []
+            for (_, record), outcome in zip(chunk, outcomes):
+                if isinstance(outcome, PatchError):  # this record cannot be patched; the others can
+                    steps.append(PatchFailure(id=record.id, reason=f"unpatchable: {outcome}"))
+                    progress.failed.append(steps[-1])
+                else:
+                    steps.append(outcome)
+                    progress.results.append(outcome)
             patch_dir = ckpt.save(editor.patch_set(), progress)
             if on_edit is not None:
-                on_edit(i + 1, len(records), step)
+                for (i, _), step in zip(chunk, steps):
+                    on_edit(i + 1, len(records), step)
     finally:
         if model is parent.model:  # give the parent its own model back: the gate compares against it
             for edit_id in set(editor.edit_ids) - set(parent.edit_ids):
                 editor.remove(edit_id)
     return PatchRun(night_key=key, patch_dir=patch_dir, results=progress.results, failed=progress.failed,
                     resumed_after=resumed_after)
+
+
+def _edit_one(editor: Editor, request: EditRequest) -> EditResult | PatchError:
+    try:
+        return editor.edit(request)
+    except PatchError as exc:
+        return exc
 
 
 def clear_checkpoint(cfg: ModelConfig, key: str) -> None:

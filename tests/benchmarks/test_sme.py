@@ -195,3 +195,21 @@ def test_a_generation_task_judged_as_served():
     patched = result["methods"]["patcher"]
     assert patched["edited"] + patched["fixed_before_edit"] == result["stream_length"]
     assert 0.0 <= patched["folded_test_agreement"] <= 1.0
+
+
+def test_a_batched_patcher_walks_the_stream_in_chunks():
+    """``edit_batch``: the stream goes to the editor in chunks; every item gets its row, in order,
+    and the edits the editor found right at their turn count as fixed before their edit."""
+    task = synthetic_task()
+    result = sme.run_benchmark(task, n_edits=5, seed=0, methods=("patcher",),
+                               patcher_config={"memory_size": 100, "max_steps": 60, "edit_batch": 3},
+                               every=2, progress=False)
+    patched = result["methods"]["patcher"]
+    rows = patched["edits"]
+    assert [r["t"] for r in rows] == list(range(1, result["stream_length"] + 1))
+    assert patched["edited"] + patched["fixed_before_edit"] == result["stream_length"] == 5
+    assert patched["config"]["patcher"]["edit_batch"] == 3
+    edited = [r for r in rows if not r["fixed_before_edit"]]
+    assert edited and all(r["seconds"] > 0 and r["steps"] > 0 for r in edited)
+    assert patched["sr"] == sum(r["success"] for r in edited) / len(edited)
+    assert [s["t"] for s in patched["series"]] == [2, 4, 5]

@@ -30,8 +30,13 @@ def _parent(world):
     return Registry(world.tracking_uri).load_version(world.name, "champion")
 
 
-def test_an_unpatchable_record_is_returned_with_its_reason_and_the_night_goes_on(world):
-    cfg = load_config(world.name, world.deployments)
+def _batched(cfg, edit_batch: int):
+    return cfg.model_copy(update={"patcher": cfg.patcher.model_copy(update={"edit_batch": edit_batch})})
+
+
+@pytest.mark.parametrize("edit_batch", [1, 3])
+def test_an_unpatchable_record_is_returned_with_its_reason_and_the_night_goes_on(world, edit_batch):
+    cfg = _batched(load_config(world.name, world.deployments), edit_batch)
     good = _records(world, 0, 3)
     huge = ErrorRecord(id="too-long", logged_at=datetime.now(timezone.utc), input=" ".join(["word"] * 3000),
                        correction="L0", origin="test")
@@ -47,15 +52,16 @@ class Crash(RuntimeError):
     pass
 
 
-def test_a_resumed_night_gives_bit_identical_patches(world, tmp_path: Path):
-    base_cfg = load_config(world.name, world.deployments)
+@pytest.mark.parametrize("edit_batch", [1, 2])
+def test_a_resumed_night_gives_bit_identical_patches(world, tmp_path: Path, edit_batch):
+    base_cfg = _batched(load_config(world.name, world.deployments), edit_batch)
     records = _records(world, 0, 4, paraphrases=2)
 
     whole = patch_night(base_cfg.model_copy(update={"workdir": tmp_path / "a"}), _parent(world), records)
 
     cfg = base_cfg.model_copy(update={"workdir": tmp_path / "b"})
 
-    def crash_after_two(i, n, step):
+    def crash_after_two(i, n, step):  # after a whole batch of two, so both nights batch the rest alike
         if i == 2:
             raise Crash("killed")
 

@@ -1,0 +1,133 @@
+"""``Editor.edit_batch``: edits trained side by side, kept in order, each as ``edit`` would keep it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patcher import EditRequest, PatchError, PatcherConfig
+from patcher.batching import train_together
+from tests import tiny
+from tests.patcher import _common as C
+from tests.patcher.test_device import _DefaultDevice
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "t5-gated"])
+def test_a_batch_of_one_trains_what_edit_trains(kind):
+    """Per-edit losses, clip and stopping: alone in a batch, an edit's neurons are edit's own
+    (to float rounding), after as many steps."""
+    editor = C.editor_for(kind, max_steps=40, dropout_rounds=2)
+    request = C.wrong_request(editor)
+    p = editor._prepare(request, 0.0)
+    (block, log), = train_together(editor, [p])
+    batches = editor._training_batches(p.cap, p.variants, len(p.labels), p.seed)
+    alone, alone_log = editor._train(request.id, p.positions, p.cap, p.variants[0], p.variants, p.labels, batches, p.seed)
+    assert log.steps == alone_log.steps
+    for a, b in zip(block.in_weight + block.in_bias + [block.out_weight], alone.in_weight + alone.in_bias + [alone.out_weight]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert log.losses == pytest.approx(alone_log.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind,steps", [("distilbert", 40), ("gpt2", 40), ("t5-gated", 120)])
+def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(kind, steps):
+    """Three edits in one pack, stopping at different steps (the pack shrinks as they stop; one may
+    run to ``max_steps``): each edit's neurons are those ``_train`` gives it alone, against the
+    memory plus the queries of the edits before it in the batch and not after (to float rounding)."""
+    editor = C.editor_for(kind, max_steps=steps, dropout_rounds=2, leak_tol=1e9, memory_candidates=16, memory_topk=8)
+    requests = [C.wrong_request(editor, i) for i in range(3)]
+    preps = [editor._prepare(r, 0.0) for r in requests]
+    packed = train_together(editor, preps)
+    assert len({log.steps for _, log in packed}) > 1, "test premise: the edits stop at different steps"
+    memory = editor.memory
+    for p, (block, log) in zip(preps, packed):
+        batches = editor._training_batches(p.cap, p.variants, len(p.labels), p.seed)
+        alone, alone_log = editor._train(p.request.id, p.positions, p.cap, p.variants[0], p.variants, p.labels,
+                                         batches, p.seed)
+        assert log.steps == alone_log.steps
+        for a, b in zip(block.in_weight + block.in_bias + [block.out_weight],
+                        alone.in_weight + alone.in_bias + [alone.out_weight]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        editor.memory = torch.cat([editor.memory, p.cap.q.float()])  # what edit remembers once it is kept
+    editor.memory = memory
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "gpt2", "llama", "bart", "t5-gated"])
+def test_every_kept_edit_is_fixed_on_the_model_and_remembered(kind):
+    editor = C.editor_for(kind, edit_batch=3)
+    memory_before = editor.memory.shape[0]
+    requests = [C.wrong_request(editor, i) for i in range(3)]
+    results = editor.edit_batch(requests)
+    assert [r.id for r in results] == [r.id for r in requests]
+    assert all(r.fixed for r in results), [r.message for r in results]
+    kept = [r for r, res in zip(requests, results) if res.neurons]  # the others were right at their turn
+    assert len(kept) >= 2 and editor.edit_ids == [r.id for r in kept]
+    assert editor.is_correct(requests[-1].input, requests[-1].target)  # the last one nothing came after
+    # the memory grew by exactly the queries edit remembers for each kept edit
+    queries = sum(len(v.positions) for r in kept for v in editor._variants(r))
+    assert editor.memory.shape[0] == memory_before + queries
+    assert sum(r.train_seconds for r in results) > 0 and all(r.seconds > 0 for r in results)
+
+
+def test_the_commit_sees_the_model_as_the_edits_before_left_it():
+    """Binary classifier, one sentence. e1 flips it. e2, the same fix under another id, trains with
+    e1 but is right once e1 is kept: it gets nothing. e3, back to what the base says, is right at
+    capture (not trained with the others) but wrong once e1 is kept: it is trained then."""
+    editor = C.editor_for("bert", edit_batch=3)
+    text = C.CLS_TEXTS[0]
+    base = editor.predict([text])[0]
+    other = next(lab for lab in editor.model.config.label2id if lab != base)
+    results = editor.edit_batch([EditRequest("e1", text, other), EditRequest("e2", text, other),
+                                 EditRequest("e3", text, base)])
+    e1, e2, e3 = results
+    assert e1.fixed and e1.neurons == 1
+    assert e2.already_correct and e2.neurons == 0
+    assert e3.fixed and e3.neurons >= 1 and e3.steps > 0
+    assert editor.edit_ids == ["e1", "e3"] and editor.predict([text]) == [base]
+
+
+def test_a_bad_or_repeated_request_gets_its_error_and_the_others_are_patched():
+    editor = C.editor_for("distilbert", edit_batch=4)
+    good = [C.wrong_request(editor, i) for i in range(2)]
+    requests = [good[0], EditRequest("", "x", good[0].target), EditRequest(good[0].id, good[0].input, good[0].target), good[1]]
+    results = editor.edit_batch(requests)
+    assert results[0].fixed and results[3].fixed
+    assert isinstance(results[1], PatchError) and "non-empty" in str(results[1])
+    assert isinstance(results[2], PatchError) and "already patched" in str(results[2])
+    assert editor.edit_ids == [good[0].id, good[1].id]
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_batched_training_makes_no_stray_tensor(kind):
+    model, tok = tiny.build(kind)
+    if kind == "bert":
+        model.bert.encoder.layer[0].output.dropout.p = 0.1
+    editor = C.Editor(model, tok, C.config(memory_refresh=3, memory_candidates=20, dropout_rounds=2, edit_batch=2))
+    editor.build_memory(tiny.SENTENCES)
+    requests = [C.wrong_request(editor, i) for i in range(2)]
+    with _DefaultDevice("meta"):
+        results = editor.edit_batch(requests)
+    assert all(r.fixed for r in results), results
+
+
+@pytest.mark.parametrize("kind", ["distilbert", "llama"])
+def test_bf16_batched_edits_are_fixed_by_the_real_forward(kind):
+    model, tok = tiny.build(kind)
+    model = model.to(torch.bfloat16)
+    editor = C.Editor(model, tok, C.config(edit_batch=2))
+    editor.build_memory(tiny.SENTENCES)
+    requests = [C.wrong_request(editor, i) for i in range(2)]
+    results = editor.edit_batch(requests)
+    assert any(r.fixed for r in results), [r.message for r in results]
+    assert editor.is_correct(requests[-1].input, requests[-1].target) == results[-1].fixed
+    assert editor.edit_ids == [r.id for r in results if r.neurons]
+    assert all(b.out_weight.dtype == torch.bfloat16 for b in editor.ffn.blocks)
+
+
+@pytest.mark.parametrize("off", [dict(cached=False), dict(stop_rule="val_loss"), dict(lr_scheduler="plateau"),
+                                 dict(edit_memory="reference"), dict(loss_topk="pooled")])
+def test_edit_batch_refuses_what_it_does_not_do(off):
+    with pytest.raises(ValueError, match="edit_batch=4"):
+        PatcherConfig(edit_batch=4, **off)
+    PatcherConfig(edit_batch=1, **off)
