@@ -141,19 +141,27 @@ def point_table(t: int, stems: list[str], results: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def cpu(result: dict) -> str:
+    """The CPU a run's timings come from (model and vector instruction set), as its file records it;
+    earlier files did not record it."""
+    machine = result.get("machine", {})
+    named = " ".join(str(machine[k]) for k in ("cpu_model", "cpu_capability") if machine.get(k))
+    return named or "not recorded"
+
+
 def compare_table(stems: list[str], results: dict[str, dict]) -> str:
     """Several runs' patcher side by side, with the patcher settings in which they differ."""
     configs = [sme_run(results, stem, "compare")["methods"]["patcher"]["config"]["patcher"] for stem in stems]
     differ = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
     header = ["result", *(f"`{k}`" for k in differ), "SR", "ER", "GR", "test broken (retained)", "neighbour retained",
-              "median steps", "edit seconds"]
+              "median steps", "edit seconds", "CPU"]
     rows = []
     for stem, config in zip(stems, configs):
         m = results[stem]["methods"]["patcher"]
         tl = m["test_locality"]
         rows.append([f"`{stem}`", *(str(config.get(k)) for k in differ), _num(m["sr"]), _num(m["er"]), _num(m["gr"]),
                      f"{tl['broken']:,} ({_num(tl['retained'])})", _num(m["neighbour_r"]), _num(m["steps_median"], 1),
-                     f"{m['seconds_edits_total']:,.0f}"])
+                     f"{m['seconds_edits_total']:,.0f}", cpu(results[stem])])
     return _table(header, rows)
 
 

@@ -83,9 +83,8 @@ def batch_losses(objective: Objective, tail, lay: Layout, params: Params, q, res
                  cand_bias, val_top, q_edit, check_dtype: torch.dtype):
     """One step for every edit: (the summed loss, per-edit losses (B, 4), fixed (B,), leak flag (B,),
     each neuron's pre-activation on its clean mistake (N,)). ``clean``: the mistakes' rows
-    (q, resid, y) in the model's dtype; ``cand`` (U, d): memory rows, ``cand_pos`` (C, N): each
-    neuron's candidates among them, ``cand_bias`` (C, N) their mask; ``val_top``: each neuron's
-    validation rows (N, V, d)."""
+    (q, resid, y) in the model's dtype; ``cand``, ``cand_pos``: the neurons' memory candidates (see
+    ``_memory_z``), ``cand_bias`` (C, N) their mask; ``val_top``: each neuron's validation rows (N, V, d)."""
     c, act, gated = objective.config, objective.act, objective.gated
     z = preactivation(params, q)  # (X, N)
     a = act(z) * (preactivation(params, q, weight="up", bias="up_bias") if gated else 1.0) * lay.owner
@@ -101,11 +100,15 @@ def batch_losses(objective: Objective, tail, lay: Layout, params: Params, q, res
     live = zm > MASKED / 2
     mem = valid_topk_mean(torch.exp(zm - ze + m) * live, k, valid) + valid_topk_mean(torch.exp(zm + m) * live, k, valid)
     l_mem = per_edit(mem, lay.neuron_edit, lay.n_neurons)
-    per = torch.stack([l_edit, l_act, l_mem, l_edit + c.act_loss_weight * l_act + c.memory_weight(objective.task) * l_mem], 1)
+    total = l_edit + c.act_loss_weight * l_act + c.memory_weight(objective.task) * l_mem
+    per = torch.stack([l_edit, l_act, l_mem, total], 1)
     with torch.no_grad():
         fixed = _fixed(objective, tail, lay, params, clean, logits, check_dtype)
-        up_cand = preactivation(params, cand, weight="up", bias="up_bias").gather(0, cand_pos) if gated else None
-        up_val = preactivation(params, val_top, True, weight="up", bias="up_bias") if gated else None
+        up_cand = up_val = None
+        if gated:
+            up_cand = (preactivation(params, cand, True, weight="up", bias="up_bias") if cand_pos is None
+                       else preactivation(params, cand, weight="up", bias="up_bias").gather(0, cand_pos))
+            up_val = preactivation(params, val_top, True, weight="up", bias="up_bias")
         scores = [(z_cand, up_cand), (preactivation(params, val_top, own=True), up_val)]
         leak = per_edit_max(leak_per_neuron(objective, params, q_edit, scores), lay)
         leak_ok = fixed & (leak.double() < c.leak_tol)
@@ -114,12 +117,15 @@ def batch_losses(objective: Objective, tail, lay: Layout, params: Params, q, res
 
 def _memory_z(params: Params, rows: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor, k: int):
     """(zm with gradient (k', N), valid rows per neuron (N,), every candidate's z (C, N) without).
-    One matrix product scores every row for every neuron (``rows`` is the union of the neurons'
-    candidates): a product per neuron would be a matrix-vector product each, on one core."""
+    ``rows`` (U, d) with ``pos`` (C, N): the union of the neurons' candidates, scored for every
+    neuron in one matrix product (on a CPU a product per neuron is a matrix-vector product, on one
+    core); ``pos`` None: ``rows`` (N, C, d) holds each neuron's own (no data-dependent size)."""
     valid = (bias == 0).sum(0)
-    z_rows = preactivation(params, rows)  # (U, N), with gradient
-    zm = z_rows.gather(0, pos) + bias
-    if pos.shape[0] <= k:
+    if pos is None:  # rows (N, C, d): each neuron's own
+        zm = preactivation(params, rows, own=True) + bias
+    else:
+        zm = preactivation(params, rows).gather(0, pos) + bias  # (C, N), with gradient
+    if zm.shape[0] <= k:
         return zm, valid, zm.detach()
     idx = zm.detach().topk(k, dim=0).indices  # (k, N)
     return zm.gather(0, idx), valid, zm.detach()
@@ -152,15 +158,12 @@ def leak_per_neuron(objective: Objective, params: Params, q_edit: torch.Tensor, 
             worst = torch.maximum(worst, (objective.envelope(z) * up.abs()).max(0).values)
         else:  # the envelope rises with z, so the row highest in z is the one that can receive most
             worst = torch.maximum(worst, objective.envelope(z.max(0).values))
-    z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
-    own = objective.act(z_e).abs()
-    if objective.gated:
-        own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
-    return worst / own.clamp_min(1e-12)
+    return worst / objective.own_output(params, q_edit).clamp_min(1e-12)
 
 
 def per_edit_max(values: torch.Tensor, lay: Layout) -> torch.Tensor:
-    return values.new_zeros(lay.n_neurons.shape[0]).scatter_reduce(0, lay.neuron_edit, values, "amax", include_self=False)
+    """(B,) the largest of ``values`` (N,) over each edit's neurons."""
+    return values.new_zeros(len(lay.n_neurons)).scatter_reduce(0, lay.neuron_edit, values, "amax", include_self=False)
 
 
 @functools.cache

@@ -298,7 +298,8 @@ class Editor:
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
         return Prepared(request, variants, cap, labels, positions, edit_seed(self.config.seed, request.id))
 
-    def _train_and_keep(self, p: Prepared, t0: float, first: tuple[PatchBlock, TrainLog, float] | None = None) -> EditResult:
+    def _train_and_keep(self, p: Prepared, t0: float,
+                        first: tuple[PatchBlock, TrainLog, float] | None = None) -> EditResult:
         """Train, add, check on the model; unfixed: once more from ``retry_neurons`` fresh neurons per
         position. ``first``: the first try's neurons, log and seconds, trained by ``edit_batch``."""
         c, request, main = self.config, p.request, p.variants[0]

@@ -169,8 +169,12 @@ class Objective:
                 worst = torch.maximum(worst, self.gain(params, m, z).max(0).values)
             else:  # the envelope rises with z, so the row highest in z is the one that can receive most
                 worst = torch.maximum(worst, self.envelope(z.max(0).values))
-        z_e = (q_edit * params["key"]).sum(-1) + params["bias"]
-        own = self.act(z_e).abs()
+        return (worst / self.own_output(params, q_edit).clamp_min(1e-12)).max()
+
+    def own_output(self, params: Params, q_edit: torch.Tensor) -> torch.Tensor:
+        """(n,) what each neuron gives its own mistake, up to the value vector: |act(key . q + bias)|,
+        times |up . q + up_bias| for gated FFNs (the leak's denominator)."""
+        own = self.act((q_edit * params["key"]).sum(-1) + params["bias"]).abs()
         if self.gated:
             own = own * ((q_edit * params["up"]).sum(-1) + params["up_bias"]).abs()
-        return (worst / own.clamp_min(1e-12)).max()
+        return own

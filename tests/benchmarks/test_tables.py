@@ -171,6 +171,10 @@ def test_compare_table_names_the_settings_that_differ():
     header, _, row_a, row_b = table.splitlines()
     assert header.split(" | ")[1] == "`memory_margin`" and header.count("`") == 2  # the one setting that differs
     assert "| 99.0 |" in row_b and "| 0.250 |" in row_b and "| 0.250 |" not in row_a
+    wide["machine"] = {**wide.get("machine", {}), "cpu_model": "AMD EPYC", "cpu_capability": "AVX2"}
+    base = {**base, "machine": {k: v for k, v in base.get("machine", {}).items() if not k.startswith("cpu_")}}
+    rows = tables.compare_table(["a", "b"], {"a": base, "b": wide}).splitlines()
+    assert rows[0].endswith("| CPU |") and rows[2].endswith("| not recorded |") and rows[3].endswith("| AMD EPYC AVX2 |")
     with pytest.raises(tables.TableError, match="no result file missing"):
         tables.compare_table(["a", "missing"], {"a": base})
 

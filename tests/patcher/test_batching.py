@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patcher import EditRequest, PatchError, PatcherConfig
+from patcher import batching
 from patcher.batching import train_together
 from tests import tiny
 from tests.patcher import _common as C
@@ -51,6 +52,21 @@ def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(k
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         editor.memory = torch.cat([editor.memory, p.cap.q.float()])  # what edit remembers once it is kept
     editor.memory = memory
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5-gated"])
+def test_candidates_scored_as_their_union_or_per_neuron_train_the_same_neurons(kind, monkeypatch):
+    """CPUs score the memory candidates as one product over their union, other devices per neuron
+    (no data-dependent size): the same pre-activations, so the same neurons (to float rounding)."""
+    editor = C.editor_for(kind, max_steps=40, memory_candidates=16, memory_topk=8, memory_refresh=3)
+    preps = [editor._prepare(C.wrong_request(editor, i), 0.0) for i in range(2)]
+    union = train_together(editor, preps)
+    monkeypatch.setattr(batching, "UNION_DEVICES", ())
+    own = train_together(editor, preps)
+    for (a, log_a), (b, log_b) in zip(union, own):
+        assert log_a.steps == log_b.steps
+        for s, t in zip(a.in_weight + [a.out_weight], b.in_weight + [b.out_weight]):
+            torch.testing.assert_close(s, t, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "gpt2", "llama", "bart", "t5-gated"])
