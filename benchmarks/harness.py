@@ -266,7 +266,7 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     return {"result": result, "snapshots": snapshots}
 
 
-def _edit_chunk(editor, model, tok, judge: "Judge", items: list[Item], gr_mode: str) -> list[tuple]:
+def _edit_chunk(editor, model, tok, judge: Judge, items: list[Item], gr_mode: str) -> list[tuple]:
     """(fixed before its edit, the edit's result or None, seconds) per item. One at a time: judged
     before each edit, as served. With ``edit_batch``: the chunk's mistakes go to ``edit_batch``
     together, which finds those already right at their turn itself (``already_correct``, the same

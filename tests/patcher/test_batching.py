@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patcher import EditRequest, PatchError, PatcherConfig
-from patcher import batching
+from patcher import EditRequest, PatchError, PatcherConfig, batching
 from patcher.batching import train_together
 from tests import tiny
 from tests.patcher import _common as C
@@ -15,27 +14,12 @@ from tests.patcher.test_device import _DefaultDevice
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "t5-gated"])
-def test_a_batch_of_one_trains_what_edit_trains(kind):
-    """Per-edit losses, clip and stopping: alone in a batch, an edit's neurons are edit's own
-    (to float rounding), after as many steps."""
-    editor = C.editor_for(kind, max_steps=40, dropout_rounds=2)
-    request = C.wrong_request(editor)
-    p = editor._prepare(request, 0.0)
-    (block, log), = train_together(editor, [p])
-    batches = editor._training_batches(p.cap, p.variants, len(p.labels), p.seed)
-    alone, alone_log = editor._train(request.id, p.positions, p.cap, p.variants[0], p.variants, p.labels, batches, p.seed)
-    assert log.steps == alone_log.steps
-    for a, b in zip(block.in_weight + block.in_bias + [block.out_weight], alone.in_weight + alone.in_bias + [alone.out_weight]):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert log.losses == pytest.approx(alone_log.losses, rel=1e-4)
-
-
 @pytest.mark.parametrize("kind,steps", [("distilbert", 40), ("gpt2", 40), ("t5-gated", 120)])
 def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(kind, steps):
     """Three edits in one pack, stopping at different steps (the pack shrinks as they stop; one may
-    run to ``max_steps``): each edit's neurons are those ``_train`` gives it alone, against the
-    memory plus the queries of the edits before it in the batch and not after (to float rounding)."""
+    run to ``max_steps``): each edit's neurons, steps and losses are those ``_train`` gives it
+    alone, against the memory plus the queries of the edits before it in the batch and not after
+    (to float rounding): per-edit losses, clip, stopping rules and memory masks."""
     editor = C.editor_for(kind, max_steps=steps, dropout_rounds=2, leak_tol=1e9, memory_candidates=16, memory_topk=8)
     requests = [C.wrong_request(editor, i) for i in range(3)]
     preps = [editor._prepare(r, 0.0) for r in requests]
@@ -47,6 +31,7 @@ def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(k
         alone, alone_log = editor._train(p.request.id, p.positions, p.cap, p.variants[0], p.variants, p.labels,
                                          batches, p.seed)
         assert log.steps == alone_log.steps
+        assert log.losses == pytest.approx(alone_log.losses, rel=1e-4)
         for a, b in zip(block.in_weight + block.in_bias + [block.out_weight],
                         alone.in_weight + alone.in_bias + [alone.out_weight]):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -29,7 +29,7 @@ def test_patch_does_not_depend_on_check_every(kind):
     """The host looks at the stopping rules every k steps; the parameters of the steps in between
     are kept, so training stops at the same step with the same patch for every k."""
     s = C.stream(kind)
-    for k in (3, 7):
+    for k in (3, 7) if kind == "distilbert" else (7,):  # two windows on the cheap model, one on the generator
         editor = C.editor_for(kind, check_every=k)
         results = [editor.edit(r) for r in s.requests]
         assert [r.steps for r in results] == [r.steps for r in s.results]
@@ -293,13 +293,14 @@ def test_cuda_graph_step_trains_what_the_ordinary_loop_does(kind, monkeypatch):
         return editor, [editor.edit(C.wrong_request(editor, i)) for i in range(2)]
 
     plain, expected = run()
-    for k in (1, 5):
+    looks = (1, 5) if kind == "bert" else (5,)  # per-step looks on the cheap model, a window of 5 on each
+    for k in looks:
         graphed, results = run(cuda_graph=True, check_every=k)
         assert [r.steps for r in results] == [r.steps for r in expected]
         assert [r.losses for r in results] == [r.losses for r in expected]
         assert all(r.fixed for r in results)
         _same_blocks(graphed, plain)
-    assert len(built) == 4 and min(r.steps for r in expected) > 4, "test premise: every edit replayed steps"
+    assert len(built) == 2 * len(looks) and min(r.steps for r in expected) > 4, "test premise: every edit replayed steps"
 
 
 def test_cuda_graph_needs_a_fixed_learning_rate():
