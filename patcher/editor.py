@@ -298,14 +298,16 @@ class Editor:
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
         return Prepared(request, variants, cap, labels, positions, edit_seed(self.config.seed, request.id))
 
-    def _train_and_keep(self, p: Prepared, t0: float,
-                        first: tuple[PatchBlock, TrainLog, float] | None = None) -> EditResult:
-        """Train, add, check on the model; unfixed: once more from ``retry_neurons`` fresh neurons per
-        position. ``first``: the first try's neurons, log and seconds, trained by ``edit_batch``."""
+    def _train_and_keep(self, p: Prepared, t0: float, first: tuple[PatchBlock, TrainLog, float] | None = None,
+                        stale: bool = False) -> EditResult:
+        """Train, add, check on the model; unfixed: again from ``retry_neurons`` neurons per position. ``first``:
+        a try trained by ``edit_batch`` (neurons, log, seconds); ``stale``: on an old capture (missed: one again)."""
         c, request, main = self.config, p.request, p.variants[0]
         batches, t_train, steps = None, 0.0, 0
-        for per_position in dict.fromkeys((1, c.retry_neurons)):
-            if first is not None and per_position == 1:
+        sizes = list(dict.fromkeys((1, c.retry_neurons)))
+        tries = sizes if first is None else [0] + sizes[0 if stale else 1:]  # 0: ``first``
+        for per_position in tries:
+            if per_position == 0:
                 block, log, seconds = first
             else:
                 if batches is None and c.cached:
@@ -317,7 +319,7 @@ class Editor:
             t_train, steps = t_train + seconds, steps + log.steps
             self.ffn.add(block)
             fixed = self.is_correct(request.input, request.target)
-            kept = fixed or (c.keep_unfixed and per_position == c.retry_neurons)
+            kept = fixed or (c.keep_unfixed and per_position == tries[-1])
             if kept:
                 break
             self.ffn.remove(request.id)

@@ -49,6 +49,38 @@ class TrainLog:
     lr_drops: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Patience:
+    """Our patience rules (``stop_rule`` "leak"), for one edit (0-dim tensors) or several (one
+    entry each), on the device: steps without a lower validation-memory loss while the neuron
+    fires on its mistake (``patience``), and steps since first fixed (``fixed_patience``)."""
+
+    best: torch.Tensor  # float64: the lowest validation-memory loss while firing
+    since_best: torch.Tensor  # steps since then
+    fixed_for: torch.Tensor  # steps fixed
+
+    @classmethod
+    def start(cls, shape: tuple, device: torch.device) -> Patience:
+        zeros = functools.partial(torch.zeros, shape, dtype=torch.long, device=device)
+        return cls(torch.full(shape, math.inf, dtype=torch.float64, device=device), zeros(), zeros())
+
+    def update(self, c, every: int, fixed: torch.Tensor, z_min: torch.Tensor, val_loss: torch.Tensor) -> torch.Tensor:
+        """One validation, ``every`` steps after the last: where a rule says stop. ``z_min``: the
+        neurons' lowest pre-activation on their mistake (firing: above ``act_margin``)."""
+        self.fixed_for = self.fixed_for + every * fixed.long()
+        firing = fixed & (z_min.double() > c.act_margin)
+        improved = val_loss < self.best - 1e-6
+        self.best = torch.where(firing & improved, val_loss, self.best)
+        self.since_best = torch.where(firing, torch.where(improved, 0, self.since_best + every), self.since_best)
+        return fixed & ((self.since_best >= c.patience) | (self.fixed_for >= c.fixed_patience))
+
+    def take(self, index: torch.Tensor, new: int = 0) -> Patience:
+        """The entries at ``index`` (the edits that stay in a pack), then ``new`` fresh ones."""
+        fresh = Patience.start((new,), self.best.device)
+        return Patience(*(torch.cat([getattr(self, f)[index], getattr(fresh, f)])
+                          for f in ("best", "since_best", "fixed_for")))
+
+
 class _Validation:
     """The validation-memory stopping rules and the learning-rate scheduler, every ``val_every``
     steps (default: the memory refresh).
@@ -69,9 +101,7 @@ class _Validation:
         self.copies = c.batch_size if c.loss_topk == "pooled" else 1
         self.scheduler = None if c.lr_scheduler is None else torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=c.lr_factor, patience=c.lr_patience, threshold=c.lr_threshold)
-        self.best = torch.full((), math.inf, dtype=torch.float64, device=device)
-        self.since_best = torch.zeros((), dtype=torch.long, device=device)
-        self.fixed_for = torch.zeros((), dtype=torch.long, device=device)
+        self.state = Patience.start((), device)
         self.never = torch.zeros((), dtype=torch.bool, device=device)
         self.log = TrainLog(0, {})
 
@@ -97,15 +127,9 @@ class _Validation:
     def _leak_rule(self, out: StepOut, params: Params, val: torch.Tensor) -> torch.Tensor:
         """Ours: patience on the validation-memory loss against the training step's mistake,
         counted while the neuron fires on it, and ``fixed_patience``."""
-        c = self.config
         ze = out.z_rows[0].detach()
         val_loss = self.objective.memory_loss(preactivation(params, val), ze).double()
-        self.fixed_for = self.fixed_for + self.every * out.fixed.long()
-        firing = out.fixed & (ze.min().double() > c.act_margin)
-        improved = val_loss < self.best - 1e-6
-        self.best = torch.where(firing & improved, val_loss, self.best)
-        self.since_best = torch.where(firing, torch.where(improved, 0, self.since_best + self.every), self.since_best)
-        return out.fixed & ((self.since_best >= c.patience) | (self.fixed_for >= c.fixed_patience))
+        return self.state.update(self.config, self.every, out.fixed, ze.min(), val_loss)
 
     def _val_loss_rule(self, evaluated: StepOut, params: Params, val: torch.Tensor) -> torch.Tensor:
         """The reference's early_stop_editing: among the validations at which the edit is fixed,
@@ -113,10 +137,11 @@ class _Validation:
         c = self.config
         z_val = evaluated.z_rows.expand(self.copies, -1)
         val_loss = self.objective.memory_term(preactivation(params, val), z_val).double()
-        improved = val_loss < self.best - c.early_threshold
-        self.best = torch.where(evaluated.fixed & improved, val_loss, self.best)
-        self.since_best = torch.where(evaluated.fixed, torch.where(improved, 0, self.since_best + 1), self.since_best)
-        return evaluated.fixed & (self.since_best >= c.early_patience)
+        st = self.state
+        improved = val_loss < st.best - c.early_threshold
+        st.best = torch.where(evaluated.fixed & improved, val_loss, st.best)
+        st.since_best = torch.where(evaluated.fixed, torch.where(improved, 0, st.since_best + 1), st.since_best)
+        return evaluated.fixed & (st.since_best >= c.early_patience)
 
 
 def train(step_fn: CachedStep | FullStep, params: Params, objective: Objective, memory: torch.Tensor,

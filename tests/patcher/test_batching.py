@@ -7,6 +7,8 @@ import torch
 
 from patcher import EditRequest, PatchError, PatcherConfig, batching
 from patcher.batching import train_together
+from patcher.steps import init_neurons, to_block
+from patcher.training import TrainLog
 from tests import tiny
 from tests.patcher import _common as C
 from tests.patcher.test_device import _DefaultDevice
@@ -15,16 +17,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.mark.parametrize("kind,steps", [("distilbert", 40), ("gpt2", 40), ("t5-gated", 120)])
-def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(kind, steps):
-    """Three edits in one pack, stopping at different steps (the pack shrinks as they stop; one may
-    run to ``max_steps``): each edit's neurons, steps and losses are those ``_train`` gives it
-    alone, against the memory plus the queries of the edits before it in the batch and not after
-    (to float rounding): per-edit losses, clip, stopping rules and memory masks."""
-    editor = C.editor_for(kind, max_steps=steps, dropout_rounds=2, leak_tol=1e9, memory_candidates=16, memory_topk=8)
+def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(kind, steps, monkeypatch):
+    """Three edits in a pack of two, stopping at different steps (the pack shrinks as they stop, the
+    third joins when there is room; one may run to ``max_steps``): each edit's neurons, steps and
+    losses are those ``_train`` gives it alone, against the memory plus the queries of the edits
+    before it in the run and not after (to float rounding): per-edit losses, clip, Adam step
+    counts, stopping rules and memory masks."""
+    editor = C.editor_for(kind, max_steps=steps, dropout_rounds=2, leak_tol=1e9, memory_candidates=16, memory_topk=8,
+                          edit_batch=2)
     requests = [C.wrong_request(editor, i) for i in range(3)]
     preps = [editor._prepare(r, 0.0) for r in requests]
+    entries, run = {}, batching._Loop.run
+    monkeypatch.setattr(batching._Loop, "run", lambda loop: (run(loop), entries.update(loop.entry))[0])
     packed = train_together(editor, preps)
     assert len({log.steps for _, log in packed}) > 1, "test premise: the edits stop at different steps"
+    assert entries[0] == entries[1] == 0 and 0 < entries[2] < max(log.steps for _, log in packed[:2]), entries
     memory = editor.memory
     for p, (block, log) in zip(preps, packed):
         batches = editor._training_batches(p.cap, p.variants, len(p.labels), p.seed)
@@ -86,6 +93,23 @@ def test_the_commit_sees_the_model_as_the_edits_before_left_it():
     assert e2.already_correct and e2.neurons == 0
     assert e3.fixed and e3.neurons >= 1 and e3.steps > 0
     assert editor.edit_ids == ["e1", "e3"] and editor.predict([text]) == [base]
+
+
+@pytest.mark.parametrize("stale,neurons", [(True, 1), (False, 2)])
+def test_a_batched_try_that_misses_is_followed_as_edit_would_follow_it(stale, neurons):
+    """The batch's neurons do not fix the edit on the model (here: a try that adds nothing). Trained
+    on a capture that has changed since, the edit is trained again alone from one neuron, as ``edit``
+    trains it; trained on the capture it has now, the next try is ``retry_neurons`` per position."""
+    editor = C.editor_for("bert", retry_neurons=2)
+    request = C.wrong_request(editor, 0)
+    p = editor._prepare(request, 0.0)
+    params = init_neurons(p.cap.q[p.positions].float(), editor.ffn.d_out, 1.0, False, 0)
+    params["amp"] = torch.zeros_like(params["amp"])  # outputs nothing: it cannot fix anything
+    dud = (to_block(request.id, params, False, editor.dtype), TrainLog(7, {}), 0.0)
+    result = editor._train_and_keep(p, 0.0, dud, stale=stale)
+    assert result.fixed and result.neurons == neurons, result.message
+    assert result.steps > 7 and editor.edit_ids == [request.id]
+    assert editor.ffn.blocks[0].neurons == neurons
 
 
 def test_a_bad_or_repeated_request_gets_its_error_and_the_others_are_patched():
