@@ -177,14 +177,10 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     gr_kinds: list[str] = []
     snapshots: dict[int, dict] = {}
     t_run = time.perf_counter()
-    batched = isinstance(editor, Editor) and editor.config.edit_batch > 1
-    # with edit_batch: one run of rolling packs up to each point the metrics are taken at
-    n = len(stream)
-    ends = sorted({*range(settings.every, n, settings.every), *(t for t in snapshot_at if 0 < t < n), n})
-    bounds = list(zip([0, *ends], ends)) if batched else [(t, t + 1) for t in range(n)]
+    batch = editor.config.edit_batch if isinstance(editor, Editor) else 1
     bar = tqdm(total=len(stream), desc=name, unit="item", disable=not settings.progress)
-    for start, end in bounds:
-        chunk = list(enumerate(stream[start:end], start=start + 1))
+    for start in range(0, len(stream), batch):
+        chunk = list(enumerate(stream[start:start + batch], start=start + 1))
         outcomes = _edit_chunk(editor, model, tok, judge, [item for _, item in chunk], settings.gr_mode)
         bar.update(len(chunk))
         for (t, item), (already, result, seconds) in zip(chunk, outcomes):
@@ -272,10 +268,10 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
 
 def _edit_chunk(editor, model, tok, judge: Judge, items: list[Item], gr_mode: str) -> list[tuple]:
     """(fixed before its edit, the edit's result or None, seconds) per item. One at a time: judged
-    before each edit, as served. With ``edit_batch``: the chunk's mistakes (up to the next point the
-    metrics are taken at) go to ``edit_batch`` together, which finds those already right at their
-    turn itself (``already_correct``, the same served check for classifiers and, greedy decoding
-    being argmax, for generators), and every item is judged once the whole chunk is kept."""
+    before each edit, as served. With ``edit_batch``: the chunk's mistakes go to ``edit_batch``
+    together, which finds those already right at their turn itself (``already_correct``, the same
+    served check for classifiers and, greedy decoding being argmax, for generators), and every
+    item is judged once the whole chunk is kept."""
     requests = [EditRequest(id=i.id, input=i.input, target=i.target, equivalents=split_paraphrases(i, gr_mode)[0])
                 for i in items]
     if len(items) == 1 or not isinstance(editor, Editor) or editor.config.edit_batch == 1:

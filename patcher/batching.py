@@ -8,26 +8,24 @@ Why it keeps what editing one at a time guarantees. A neuron in the last FFN doe
 FFN's input, so a later mistake's queries are the same with or without the neurons before it; it
 only adds to the FFN's output. Edit k, edited alone, trains (a) on its captured vectors, whose
 FFN output includes the neurons of the edits before it, and (b) against a memory that includes
-those edits' queries. (b) is known before anything trains: the queries of the run's earlier
-edits join each edit's memory (a mask keeps every neuron's memory its own). (a) is not: a run is
+those edits' queries. (b) is known before anything trains: the queries of the batch's earlier
+edits join each edit's memory (a mask keeps every neuron's memory its own). (a) is not: a batch is
 captured before any of its edits is added. So the edits are kept one by one, in order, and each
 is checked on the model as the ones before it left it: one now already right gets nothing (as
 ``edit`` would find it); one whose neurons do not fix it there is trained again alone, as ``edit``
 trains it. Every kept edit is fixed on the real model and silent on the memory as ``edit`` makes
-it; what differs is its neurons, trained without the run's earlier neurons in their rows.
+it; what differs is its neurons, trained without the batch's earlier neurons in their rows.
 
-Training: the neurons of up to ``edit_batch`` edits are one parameter set; each row sees only its
-own edit's neurons; every loss, the gradient clip and every stopping rule are per edit (the sum of
-per-edit losses gives each edit its own gradient; Adam is per element, with a step count per
-neuron). An edit that stops keeps the parameters of the step it stopped at and leaves the pack;
-the next edit of the run joins at the next step where the dropout rounds, the memory refresh and
-the validations all start again, so every edit trains as it would from step 0, and a run of many
-edits keeps the pack full instead of waiting for each group's slowest edit.
+Training: the edits' neurons are one parameter set; each row sees only its own edit's neurons;
+every loss, the gradient clip and every stopping rule are per edit (the sum of per-edit losses
+gives each edit its own gradient, and Adam is per element), and an edit that stops keeps the
+parameters of the step it stopped at and leaves the pack, which shrinks (its Adam state, memory
+candidates and counters go with the edits that stay), so the last edits of a batch train at the
+cost of a few, not of sixteen.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from typing import Sequence
@@ -41,7 +39,6 @@ from .records import EditRequest, EditResult
 from .steps import Params, init_neurons, preactivation, to_block
 from .training import Patience, TrainLog
 
-BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which ``training.train`` uses
 UNION_DEVICES = ("cpu",)  # where memory candidates are scored as their union (see _Loop._union)
 
 
@@ -66,7 +63,7 @@ def edit_batch(editor, requests: Sequence[EditRequest]) -> list[EditResult | Pat
         together = {i: (block, log, seconds) for i, (block, log) in zip(train_idx, trained)}
     share = (time.perf_counter() - t0) / max(1, len(requests))  # preparing and training, shared out
     results: list[EditResult | PatchError] = []
-    changed = False  # an edit of this run has been added: the captures after it are stale
+    changed = False  # an edit of this batch has been added: the captures after it are stale
     for i, (request, p) in enumerate(zip(requests, prepared)):
         try:
             if isinstance(p, PatchError):
@@ -82,12 +79,12 @@ def edit_batch(editor, requests: Sequence[EditRequest]) -> list[EditResult | Pat
 
 
 def _keep(editor, request: EditRequest, p, first, changed: bool, t: float) -> EditResult:
-    """One edit of the run, kept as ``edit`` would keep it on the model as it is now."""
-    if first is None:  # not trained with the others: already right at capture, a repeated id, a run of one
+    """One edit of the batch, kept as ``edit`` would keep it on the model as it is now."""
+    if first is None:  # not trained with the others: already right at capture, a repeated id, a batch of one
         if changed:
             return editor.edit(request)
         return replace(p, seconds=0.0) if isinstance(p, EditResult) else editor._train_and_keep(p, t)
-    if changed:  # capture again: the FFN output now holds the run's earlier neurons
+    if changed:  # capture again: the FFN output now holds the batch's earlier neurons
         fresh = editor._prepare(request, t)
         if isinstance(fresh, EditResult):
             return fresh
@@ -105,7 +102,7 @@ def train_together(editor, preps: list) -> list[tuple]:
     rounds = [editor._training_batches(p.cap, p.variants, len(p.labels), p.seed) for p in preps]
     inits = [init_neurons(p.cap.q[p.positions].float(), editor.ffn.d_out, c.amplifier, editor.family.gated, p.seed,
                           c.value_init) for p in preps]
-    # each neuron's memory: the memory, and the queries of the run's edits before its own (masked otherwise)
+    # each neuron's memory: the memory, and the queries of the batch's edits before its own (masked otherwise)
     q_of = torch.cat([torch.full((p.cap.q.shape[0],), e, device=device) for e, p in enumerate(preps)])
     memory = torch.cat([editor.memory, *(p.cap.q.float() for p in preps)])
     objective = Objective(c, editor.task, editor.ffn.act, editor.family.gated, device)
@@ -119,65 +116,26 @@ def train_together(editor, preps: list) -> list[tuple]:
 
 
 class _Loop:
-    """``training.train`` for a run of edits, ``edit_batch`` at a time: the same steps, rules and
-    checks, per edit. The edits training are packed together. One that stops leaves the pack, and
-    the next edit of the run takes its place, so the pack stays full and a slow edit holds no one
-    back. An edit joins at a step where every schedule starts again (dropout rounds, memory refresh,
-    validation), with its own Adam state and step count, so it trains as it would from step 0."""
+    """``training.train`` for a batch of edits: the same steps, rules and checks, per edit. The edits
+    still training are packed together; those that stop leave the pack (it shrinks, so the last
+    few do not pay for the rest)."""
 
     def __init__(self, c, objective, tail, preps, rounds, inits, memory, q_of, val, dtype):
         self.c, self.objective, self.tail, self.preps, self.rounds = c, objective, tail, preps, rounds
-        self.inits, self.memory, self.q_of, self.val, self.dtype = inits, memory, q_of, val, dtype
+        self.memory, self.q_of, self.val, self.dtype = memory, q_of, val, dtype
         self.n_base = memory.shape[0] - q_of.shape[0]
+        n, device = len(preps), memory.device
+        self.patience = Patience.start((n,), device)
         self.every = c.val_every or c.memory_refresh
         self.n_cand = c.memory_candidates or c.memory_topk
         self.full = memory.shape[0] <= self.n_cand  # every memory row is a candidate: the screen is the full check
-        self.align = math.lcm(len(rounds[0]), c.memory_refresh, self.every)  # the steps at which edits join
-        self.queue, self.active, self.entry = list(range(len(preps))), [], {}
-        self.params = {k: v[:0].detach() for k, v in inits[0].items()}
-        self.moments = {k: (torch.zeros_like(v), torch.zeros_like(v)) for k, v in self.params.items()}
-        self.t = memory.new_zeros(0)  # each neuron's Adam step count
-        self.patience = Patience.start((0,), memory.device)
+        params = {k: torch.cat([i[k] for i in inits]).detach().requires_grad_(True) for k in inits[0]}
+        self._pack(list(range(n)), params, None)
 
-    def _repack(self, stops: dict, step: int) -> None:
-        """The edits that stopped leave the pack (the others keep their parameters, Adam state,
-        candidates and counters); at a join step, the next edits of the run fill it."""
-        keep = [i for i, e in enumerate(self.active) if e not in stops]
-        join = self.queue[: self.c.edit_batch - len(keep)] if step % self.align == 0 else []
-        if len(keep) == len(self.active) and not join:
-            return
-        del self.queue[: len(join)]
-        device = self.memory.device
-        rows = (torch.cat([(self.lay.neuron_edit == i).nonzero().flatten() for i in keep]) if keep
-                else torch.zeros(0, dtype=torch.long, device=device))
-        with torch.no_grad():
-            def merged(old: torch.Tensor, new) -> torch.Tensor:  # the kept rows of ``old``, then ``new``
-                return torch.cat([old[rows], *new])
-            self.params = {k: merged(v.detach(), [self.inits[e][k].detach() for e in join]).requires_grad_(True)
-                           for k, v in self.params.items()}
-            self.moments = {k: tuple(merged(t, [torch.zeros_like(self.inits[e][k]) for e in join]) for t in mv)
-                            for k, mv in self.moments.items()}
-            self.t = merged(self.t, [self.t.new_zeros(self.inits[e]["key"].shape[0]) for e in join])
-            if keep and not join and not self.full:
-                if self.cand_pos is None:
-                    self.cand = self.cand[rows]
-                else:
-                    self.cand_pos = self.cand_pos[:, rows]
-                self.cand_bias, self.val_top = self.cand_bias[:, rows], self.val_top[rows]
-        self.patience = self.patience.take(torch.tensor(keep, dtype=torch.long, device=device), len(join))
-        self.entry.update({e: step for e in join})
-        self.active = [self.active[i] for i in keep] + join
-        if self.active:
-            self._pack()
-            if join or self.full:  # a join step refreshes the candidates (not full) right after
-                n = len(self.lay.neuron_edit)
-                rows_all = torch.arange(self.memory.shape[0], device=device)[:, None].expand(-1, n)
-                self.cand, self.cand_pos, self.cand_bias = self.memory, rows_all, self.mask
-                self.val_top = self.val.expand(n, -1, -1)
-
-    def _pack(self) -> None:
-        """Lay out the edits in ``self.active``, in that order."""
-        active, device = self.active, self.memory.device
+    def _pack(self, active: list[int], params: Params, state: list[dict] | None) -> None:
+        """Lay out the edits in ``active`` (their parameters and Adam state given, in that order)."""
+        c, device = self.c, self.memory.device
+        self.active = active
         self.lay = layout([(self.rounds[e][0][0].shape[0], self.rounds[e][0][0].shape[1], self.preps[e].positions,
                             self.preps[e].labels) for e in active], device)
         flat = [[torch.cat([self.rounds[e][r][i].flatten(0, 1) for e in active]) for i in range(3)]
@@ -185,23 +143,50 @@ class _Loop:
         self.clean = tuple(t[self.lay.main_x] for t in flat[0])  # the mistakes' rows, in the model's dtype
         self.flat = [(q.float(), resid, y) for q, resid, y in flat]
         self.q_edit = torch.cat([self.preps[e].cap.q[self.preps[e].positions].float() for e in active])
-        edit_of = torch.tensor(active, device=device)[self.lay.neuron_edit]  # each neuron's edit in the run
+        edit_of = torch.tensor(active, device=device)[self.lay.neuron_edit]  # each neuron's edit in the batch
         self.mask = torch.cat([self.memory.new_zeros(self.n_base, len(edit_of)),
                                torch.where(self.q_of[:, None] < edit_of[None], 0.0, MASKED)])
+        self.params = params
+        self.opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay, fused=True)
+        if state is not None:
+            for p, s in zip(params.values(), state):
+                self.opt.state[p] = s
         self.never = torch.zeros(len(active), dtype=torch.bool, device=device)
+
+    def _shrink(self, stops: dict) -> None:
+        """Take the edits that stopped out of the pack; the others keep their parameters, their Adam
+        state, their memory candidates and their validation counters."""
+        lay, idx = self.lay, self.active
+        keep = [i for i, e in enumerate(idx) if e not in stops]
+        if len(keep) == len(idx) or not keep:
+            return
+        rows = torch.cat([(lay.neuron_edit == i).nonzero().flatten() for i in keep])
+        kept = torch.tensor(keep, device=rows.device)
+        with torch.no_grad():
+            params = {k: v[rows].detach().clone().requires_grad_(True) for k, v in self.params.items()}
+            state = [{k: (t[rows].clone() if k != "step" else t.clone()) for k, t in self.opt.state[p].items()}
+                     for p in self.params.values()]
+            if self.cand_pos is None:
+                self.cand = self.cand[rows]
+            else:
+                self.cand_pos = self.cand_pos[:, rows]
+            self.cand_bias, self.val_top = self.cand_bias[:, rows], self.val_top[rows]
+        self.patience = self.patience.take(kept)
+        self._pack([idx[i] for i in keep], params, state)
+        if self.full:
+            self.cand_bias = self.mask
 
     def run(self) -> list[tuple[int, torch.Tensor, Params]]:
         """Per edit: (steps taken, its losses at the last, the parameters it stopped at)."""
-        c = self.c
+        c, n = self.c, len(self.lay.neuron_edit)
         forward = compiled(c.compile) if c.compile else batch_losses
         check_every = c.check_every or (1 if self.memory.device.type == "cpu" else 8)
+        rows = torch.arange(self.memory.shape[0], device=self.memory.device)[:, None].expand(-1, n)
+        self.cand, self.cand_pos, self.cand_bias = self.memory, rows, self.mask
+        self.val_top = self.val.expand(n, -1, -1)
         stops: dict[int, tuple] = {}
-        window, step = [], 0
-        while len(stops) < len(self.preps):
-            self._repack(stops, step)
-            if not self.active:  # every edit of the pack stopped: on to the next join step
-                step = -(-step // self.align) * self.align if step % self.align else step + 1
-                continue
+        window = []
+        for step in range(c.max_steps):
             params = self.params
             if step % c.memory_refresh == 0 and not self.full:
                 with torch.no_grad():
@@ -217,20 +202,21 @@ class _Loop:
                                                        self.val_top, self.q_edit, self.dtype)
             with torch.no_grad():
                 patience = self._patience_rule(fixed, ze) if step % self.every == 0 else self.never
-                at_max = any(step - self.entry[e] >= c.max_steps - 1 for e in self.active)
-                joining = self.queue and (step + 1) % self.align == 0
-                last = at_max or joining or len(window) + 1 >= check_every
+                last = step == c.max_steps - 1 or len(window) + 1 >= check_every
                 snapshot = params if last else {k: v.detach().clone() for k, v in params.items()}
                 window.append((step, leak_ok, patience, losses, snapshot))
             if last:
                 self._settle(window, stops)
                 window = []
-            if len(stops) < len(self.preps):
-                self._update(loss)
-            for i, e in enumerate(self.active):  # ``max_steps`` updates done, as ``training.train`` does them
-                if e not in stops and step - self.entry[e] >= c.max_steps - 1:
-                    stops[e] = (c.max_steps, losses[i], self._rows(self.params, i))
-            step += 1
+                if len(stops) == len(self.preps):
+                    break
+            self._update(loss)
+            if last and step < c.max_steps - 1:
+                self._shrink(stops)
+        final = {k: v.detach() for k, v in self.params.items()}
+        for i, e in enumerate(self.active):
+            if e not in stops:
+                stops[e] = (c.max_steps, losses[i], self._rows(final, i))
         return [stops[e] for e in range(len(self.preps))]
 
     def _union(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -270,7 +256,7 @@ class _Loop:
                 if leak_ok and not self.full and w not in confirmed:
                     confirmed[w] = self._full_leak(at).tolist()
                 if (leak_ok and (self.full or confirmed[w][i] < self.c.leak_tol)) or patience:
-                    stops[e] = (step + 1 - self.entry[e], losses[i], self._rows(at, i))
+                    stops[e] = (step + 1, losses[i], self._rows(at, i))
                     break
 
     @torch.no_grad()
@@ -286,24 +272,14 @@ class _Loop:
         return per_edit_max(leak_per_neuron(obj, params, self.q_edit, scores), self.lay)
 
     def _update(self, loss: torch.Tensor) -> None:
-        """Backward, each edit's gradient clipped to ``grad_clip`` on its own, Adam (``torch.optim.Adam``'s
-        update, with a step count per neuron: edits join the pack at different steps)."""
-        c, lay = self.c, self.lay
-        for p in self.params.values():
-            p.grad = None
+        """Backward, each edit's gradient clipped to ``grad_clip`` on its own, Adam."""
+        lay, params = self.lay, list(self.params.values())
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            grads = {k: p.grad for k, p in self.params.items()}
-            sq = sum(g.pow(2).flatten(1).sum(1) if g.dim() > 1 else g.pow(2) for g in grads.values())
+            sq = sum(p.grad.pow(2).flatten(1).sum(1) if p.dim() > 1 else p.grad.pow(2) for p in params)
             norm = sq.new_zeros(len(lay.n_rows)).index_add(0, lay.neuron_edit, sq).sqrt()
-            coef = (c.grad_clip / (norm + 1e-6)).clamp(max=1.0)[lay.neuron_edit]
-            self.t += 1
-            step_size = c.lr / (1 - BETAS[0] ** self.t)
-            bc2_sqrt = (1 - BETAS[1] ** self.t).sqrt()
-            for k, p in self.params.items():
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                g = grads[k] * coef.view(shape) + c.weight_decay * p
-                m, v = self.moments[k]
-                m.lerp_(g, 1 - BETAS[0])
-                v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
-                p.sub_(step_size.view(shape) * m / (v.sqrt() / bc2_sqrt.view(shape) + EPS))
+            coef = (self.c.grad_clip / (norm + 1e-6)).clamp(max=1.0)[lay.neuron_edit]
+            for p in params:
+                p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
+        self.opt.step()

@@ -71,11 +71,10 @@ class PatcherConfig(BaseModel):
                              "backward, clip, Adam) as a CUDA graph after 3 ordinary steps and replay it, one launch "
                              "per step instead of hundreds; elsewhere the same step runs without a graph (no gain). "
                              "Not with lr_scheduler (a recorded update keeps its learning rate) (ours)")
-    edit_batch: int = Field(1, ge=1, description="Editor.edit_batch: how many mistakes' neurons train side by side "
+    edit_batch: int = Field(1, ge=1, description="Editor.edit_batch: mistakes whose neurons train side by side "
                             "(several edits' worth of work per step, which small models on CPUs do in little more "
-                            "time than one); one that stops makes room for the next mistake of the run, and all are "
-                            "kept in order, each only once checked on the model as the ones before it left it; "
-                            "otherwise it is trained again alone (patcher.batching). Needs "
+                            "time than one), then are kept in order, each only once checked on the model as the "
+                            "ones before it left it; otherwise it is trained again alone (patcher.batching). Needs "
                             "cached mode, stop_rule leak, no lr_scheduler or cuda_graph, per-neuron top-k and our "
                             "edit memory. 1: one at a time (ours)")
     # ---- where our mode and the reference differ (the default is ours; see ``reference``)

@@ -74,11 +74,9 @@ class Patience:
         self.since_best = torch.where(firing, torch.where(improved, 0, self.since_best + every), self.since_best)
         return fixed & ((self.since_best >= c.patience) | (self.fixed_for >= c.fixed_patience))
 
-    def take(self, index: torch.Tensor, new: int = 0) -> Patience:
-        """The entries at ``index`` (the edits that stay in a pack), then ``new`` fresh ones."""
-        fresh = Patience.start((new,), self.best.device)
-        return Patience(*(torch.cat([getattr(self, f)[index], getattr(fresh, f)])
-                          for f in ("best", "since_best", "fixed_for")))
+    def take(self, index: torch.Tensor) -> Patience:
+        """The entries at ``index`` (the edits that stay in a pack)."""
+        return Patience(self.best[index], self.since_best[index], self.fixed_for[index])
 
 
 class _Validation:

@@ -80,10 +80,6 @@ class ModelConfig(BaseModel):
     paraphrase_holdout: float = Field(
         0.5, ge=0, le=1, description="share of each error's paraphrases kept out of training (rounded up) so the "
         "gate measures generalisation on wordings the patch never saw; 0 trains on all of them (GR not measured)")
-    checkpoint_every: int = Field(
-        128, ge=1, description="with patcher.edit_batch > 1: records patched between two checkpoints of a night, "
-        "trained as one run of rolling packs (larger: less pack filling and draining, more to redo after a "
-        "crash); one edit at a time is checkpointed after every edit")
     device: str = Field("auto", description="where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the dtype the model is loaded (and served) in; auto keeps the saved dtype")

@@ -10,7 +10,6 @@ import fcntl
 import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -171,9 +171,8 @@ def patch_night(
     records: list[ErrorRecord],
     on_edit: Callable[[int, int, EditResult | PatchFailure], None] | None = None,
 ) -> PatchRun:
-    """Apply ``records`` to the parent version in order, resuming from a checkpoint if one exists:
-    one at a time, checkpointed after each; with ``edit_batch`` > 1, ``checkpoint_every`` records at a
-    time, trained in a rolling pack of ``edit_batch`` and checkpointed after each such run."""
+    """Apply ``records`` to the parent version in order (``edit_batch`` at a time, checkpointed after each),
+    resuming from a checkpoint if one exists."""
     key = night_key(parent.version, records)
     ckpt = Checkpoint(cfg.model_workdir / "checkpoints" / key)
     patch_dir, progress = ckpt.latest()
@@ -193,12 +192,12 @@ def patch_night(
     if patch_dir is None:
         patch_dir = ckpt.save(editor.patch_set(), progress)
     todo = [(i, r) for i, r in enumerate(records) if r.id not in done]
-    size = cfg.checkpoint_every if cfg.patcher.edit_batch > 1 else 1
+    size = cfg.patcher.edit_batch  # 1: one edit at a time; more: trained side by side, kept in order
     try:
         for start in range(0, len(todo), size):
             chunk = todo[start:start + size]
             requests = [to_request(record, cfg.paraphrase_holdout) for _, record in chunk]
-            outcomes = editor.edit_batch(requests) if cfg.patcher.edit_batch > 1 else [_edit_one(editor, requests[0])]
+            outcomes = editor.edit_batch(requests) if size > 1 else [_edit_one(editor, requests[0])]
             steps: list[EditResult | PatchFailure] = []
             for (_, record), outcome in zip(chunk, outcomes):
                 if isinstance(outcome, PatchError):  # this record cannot be patched; the others can
