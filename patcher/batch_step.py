@@ -110,7 +110,7 @@ def batch_losses(objective: Objective, tail, lay: Layout, params: Params, q, res
                        else preactivation(params, cand, weight="up", bias="up_bias").gather(0, cand_pos))
             up_val = preactivation(params, val_top, True, weight="up", bias="up_bias")
         scores = [(z_cand, up_cand), (preactivation(params, val_top, own=True), up_val)]
-        leak = per_edit_max(leak_per_neuron(objective, params, q_edit, scores), lay)
+        leak = per_edit_max(objective.leak_per_neuron(params, q_edit, scores), lay)
         leak_ok = fixed & (leak.double() < c.leak_tol)
     return per[:, 3].sum(), per.detach(), fixed, leak_ok, ze.detach()
 
@@ -144,21 +144,6 @@ def _fixed(objective, tail, lay: Layout, params: Params, clean, logits, dtype: t
         logits = logits[lay.main_x]
     wrong = (logits.argmax(-1) != lay.labels[lay.main_x]).long()
     return torch.zeros_like(lay.n_neurons).index_add(0, lay.main_edit, wrong) == 0
-
-
-def leak_per_neuron(objective: Objective, params: Params, q_edit: torch.Tensor, scores) -> torch.Tensor:
-    """(N,) the largest share of each neuron's output on its mistake that it can pass to any of its
-    memory rows: ``objective.leak`` per neuron. ``scores``: per memory, its rows' pre-activations
-    (rows, N) and, for gated FFNs, their up projections (else None)."""
-    worst = q_edit.new_zeros(q_edit.shape[0])
-    for z, up in scores:
-        if not z.shape[0]:
-            continue
-        if objective.gated:
-            worst = torch.maximum(worst, (objective.envelope(z) * up.abs()).max(0).values)
-        else:  # the envelope rises with z, so the row highest in z is the one that can receive most
-            worst = torch.maximum(worst, objective.envelope(z.max(0).values))
-    return worst / objective.own_output(params, q_edit).clamp_min(1e-12)
 
 
 def per_edit_max(values: torch.Tensor, lay: Layout) -> torch.Tensor:

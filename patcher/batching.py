@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from .batch_step import MASKED, batch_losses, compiled, layout, leak_per_neuron, per_edit, per_edit_max
+from .batch_step import MASKED, batch_losses, compiled, layout, per_edit, per_edit_max
 from .errors import PatchError
 from .objective import Objective, topk_mean
 from .records import EditRequest, EditResult
@@ -269,7 +269,7 @@ class _Loop:
 
         scores = [(preactivation(params, self.memory) + self.mask, up(self.memory)),
                   (preactivation(params, self.val), up(self.val))]
-        return per_edit_max(leak_per_neuron(obj, params, self.q_edit, scores), self.lay)
+        return per_edit_max(obj.leak_per_neuron(params, self.q_edit, scores), self.lay)
 
     def _update(self, loss: torch.Tensor) -> None:
         """Backward, each edit's gradient clipped to ``grad_clip`` on its own, Adam."""

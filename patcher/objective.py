@@ -160,16 +160,25 @@ class Objective:
         query per neuron) that it can pass to any query of ``memories`` ((N, d), or (n, N, d) each
         neuron's own); 0 when they are empty. ``z_first``: the first memory's pre-activations,
         when the caller has them already."""
-        worst = q_edit.new_zeros(q_edit.shape[0])
+        scores = []
         for i, m in enumerate(memories):
-            if not m.shape[-2]:
+            own = m.dim() == 3
+            z = z_first if i == 0 and z_first is not None else preactivation(params, m, own)
+            scores.append((z, preactivation(params, m, own, "up", "up_bias") if self.gated else None))
+        return self.leak_per_neuron(params, q_edit, scores).max()
+
+    def leak_per_neuron(self, params: Params, q_edit: torch.Tensor, scores) -> torch.Tensor:
+        """(n,) ``leak`` per neuron, from each memory's pre-activations (rows, n) and, for gated
+        FFNs, their up projections (else None)."""
+        worst = q_edit.new_zeros(q_edit.shape[0])
+        for z, up in scores:
+            if not z.shape[0]:
                 continue
-            z = z_first if i == 0 and z_first is not None else preactivation(params, m, m.dim() == 3)
             if self.gated:
-                worst = torch.maximum(worst, self.gain(params, m, z).max(0).values)
+                worst = torch.maximum(worst, (self.envelope(z) * up.abs()).max(0).values)
             else:  # the envelope rises with z, so the row highest in z is the one that can receive most
                 worst = torch.maximum(worst, self.envelope(z.max(0).values))
-        return (worst / self.own_output(params, q_edit).clamp_min(1e-12)).max()
+        return worst / self.own_output(params, q_edit).clamp_min(1e-12)
 
     def own_output(self, params: Params, q_edit: torch.Tensor) -> torch.Tensor:
         """(n,) what each neuron gives its own mistake, up to the value vector: |act(key . q + bias)|,
