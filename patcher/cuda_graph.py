@@ -14,10 +14,16 @@ replay returns: the snapshot is what the stopping rules read.
 
 Without capture (``capture=False``: any device) the same step runs eagerly from the same
 recorded tensors, which is how the logic is tested on a CPU.
+
+A recording that the driver or a library refuses (seen on an H200: cuBLAS failing inside the
+capture of a compiled step) costs the edit nothing but speed: nothing recorded has run, so the step
+runs again without a graph and the rest of the edit trains as the ordinary loop does, with a
+``RecordingFailed`` warning saying why.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -25,6 +31,10 @@ import torch
 from .steps import Params, StepOut
 
 WARMUP = 3  # ordinary steps before recording, as torch's whole-network capture recipe warms up
+
+
+class RecordingFailed(UserWarning):
+    """An edit's step could not be recorded as a CUDA graph; the edit trained without one."""
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -69,8 +79,14 @@ class StepGraph:
             # recorded on the stream the warm-up ran on (the autograd nodes it made belong to it); one_step's
             # zero_grad leaves no gradients, so the recorded backward writes them afresh at every replay
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=torch.cuda.current_stream()):
-                self.out, self.packed = self._run()
+            try:
+                with torch.cuda.graph(self.graph, stream=torch.cuda.current_stream()):
+                    self.out, self.packed = self._run()
+            except RuntimeError as exc:  # nothing recorded ran: the parameters and Adam's state are this step's
+                self.graph = self.out = self.packed = None
+                self.capture = False
+                warnings.warn(f"cuda_graph: the training step could not be recorded ({str(exc).strip().splitlines()[0]}); "
+                              "this edit trains without a graph", RecordingFailed, stacklevel=2)
         self.calls += 1
         if self.graph is not None:
             self.graph.replay()

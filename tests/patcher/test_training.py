@@ -303,6 +303,45 @@ def test_cuda_graph_step_trains_what_the_ordinary_loop_does(kind, monkeypatch):
     assert len(built) == 2 * len(looks) and min(r.steps for r in expected) > 4, "test premise: every edit replayed steps"
 
 
+def test_a_step_that_cannot_be_recorded_trains_as_the_ordinary_loop(monkeypatch):
+    """A recording the GPU refuses (a fault injected where torch starts recording, as cuBLAS failed
+    inside a capture on an H200) warns and leaves the edit as the ordinary loop trains it."""
+    import contextlib
+
+    import patcher.training as training
+    from patcher.cuda_graph import RecordingFailed
+
+    def run(**overrides) -> tuple[Editor, list]:
+        model, tok = tiny.build("bert")
+        editor = Editor(model, tok, C.config(memory_candidates=12, memory_topk=8, memory_refresh=3, **overrides))
+        editor.build_memory(tiny.SENTENCES)
+        return editor, [editor.edit(C.wrong_request(editor, i)) for i in range(2)]
+
+    plain, expected = run()
+    built = []
+
+    class Recording(training.StepGraph):  # recorded as on a GPU: the capture branch runs
+        def __init__(self, one_step, params, inputs, capture):
+            super().__init__(one_step, params, inputs, capture=True)
+            built.append(self)
+
+    @contextlib.contextmanager
+    def refused(graph, stream=None):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_INTERNAL_ERROR when calling `cublasGemmEx(...)`\nmore")
+        yield
+
+    monkeypatch.setattr(training, "StepGraph", Recording)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", refused)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    with pytest.warns(RecordingFailed, match="could not be recorded .*CUBLAS_STATUS_INTERNAL_ERROR when calling"):
+        graphed, results = run(cuda_graph=True)
+    assert [r.steps for r in results] == [r.steps for r in expected]
+    assert [r.losses for r in results] == [r.losses for r in expected]
+    _same_blocks(graphed, plain)
+    assert len(built) == 2 and all(g.graph is None and not g.capture and g.calls > 3 for g in built)
+
+
 def test_cuda_graph_needs_a_fixed_learning_rate():
     from pydantic import ValidationError
 
