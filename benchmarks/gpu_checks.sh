@@ -5,13 +5,14 @@
 #
 #   bash benchmarks/gpu_checks.sh --prepare   # here, once: .gpu/wheels (pydantic and its needs, for
 #                                             # the GPU image's Python 3.12) and .gpu/tokenizer
-#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 9.5 minutes
+#   bash benchmarks/gpu_checks.sh             # there, with .gpu carried; at most 7 minutes
 #   GPU_CHECKS_TAG=-nov27 bash benchmarks/gpu_checks.sh   # the same, each output stem ending in -nov27
 #
-# Runs the scale benchmark in bf16: the cached step eager, compiled (torch.compile), recorded as a
-# CUDA graph (cuda_graph) and both, and the full-forward step, at the 1.1B and 8B shapes;
-# then --lifecycle at 1.1B (the patch set applied to a copy of the base, the model folded, the edits
-# removed, each checked on the GPU). Each process has its own time limit. The JSON and logs go to
+# Runs the scale benchmark in bf16 at the 1.1B and 8B shapes: the cached step eager and compiled
+# and recorded as a CUDA graph (torch.compile + cuda_graph), 16 edits trained side by side
+# (Editor.edit_batch, eager and compiled), and the full-forward step; then --lifecycle at 1.1B (the
+# patch set applied to a copy of the base, the model folded, the edits removed, each checked on the
+# GPU). Each process has its own time limit; the whole run takes at most 7 minutes. The JSON and logs go to
 # $OUT (the device tool's return folder), else to benchmarks/results/.
 # The JSON is rewritten after each mode, so a limit or a failing mode keeps what ran before it.
 # Commit the JSON files it brings back.
@@ -55,10 +56,12 @@ run() {  # run <seconds> <output stem> <scale arguments...>: one process under i
   timeout "$limit" python3 -m benchmarks.scale --device cuda --dtype bfloat16 --tokenizer .gpu/tokenizer \
     --out "$out/$stem.json" "$@" 2>&1 | tee "$out/$stem.log" || status=1
 }
-# the step in each of its cached forms and the full-forward step beside them, one process per shape (a crash in
-# one mode keeps what ran before it)
-run 230 scale-1.1b-cuda-bfloat16-graphed --shape 1.1b --modes cached,compiled,graphed,compiled-graphed,full
-run 230 scale-8b-cuda-bfloat16-graphed --shape 8b --modes cached,compiled,graphed,compiled-graphed,full
-# the patches' life on the device (apply, fold, remove), in a process of its own
-run 100 scale-1.1b-cuda-bfloat16-lifecycle --shape 1.1b --modes cached --edits 4 --steps 5 --lifecycle
+# one process per shape, so a crash in one mode keeps what ran before it: the cached step eager and in
+# its fastest one-at-a-time form (compiled and recorded as a CUDA graph), 16 edits through
+# Editor.edit_batch (eager, then compiled; the compile last, as the least certain), the full-forward
+# step beside them; at 1.1B then the patches' life on the device (apply, fold, remove)
+run 200 scale-1.1b-cuda-bfloat16-batched --shape 1.1b --edits 16 --edit-batch 16 \
+  --modes cached,compiled-graphed,batched,full,compiled-batched --lifecycle
+run 220 scale-8b-cuda-bfloat16-batched --shape 8b --edits 16 --edit-batch 16 \
+  --modes cached,compiled-graphed,batched,full,compiled-batched
 exit $status

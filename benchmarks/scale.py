@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import random
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,12 +43,13 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from patcher import EditRequest, Editor, PatcherConfig
+from patcher.cuda_graph import RecordingFailed
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4),
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
 }
-MODES = ("cached", "compiled", "graphed", "compiled-graphed", "full")
+MODES = ("cached", "compiled", "graphed", "compiled-graphed", "batched", "compiled-batched", "full")  # full last
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("the a city river country capital north south old new big small red blue cat dog house tree road sky sun "
@@ -136,26 +139,41 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
              profile_request: EditRequest | None = None) -> dict:
     """Every request edited for exactly ``args.steps`` steps; the patches are removed afterwards.
     ``mode``: cached, compiled (cached, with ``PatcherConfig.compile``), graphed (cached, with
-    ``PatcherConfig.cuda_graph``), compiled-graphed (both) or full."""
+    ``PatcherConfig.cuda_graph``), compiled-graphed (both), batched (cached, ``Editor.edit_batch``
+    on ``args.edit_batch`` requests at a time; its ms per step is the pack's step shared out among
+    the edits in it), compiled-batched or full."""
+    batch = args.edit_batch if "batched" in mode else 1
     config = PatcherConfig(cached=mode != "full", max_steps=args.steps, leak_tol=0.0, patience=10**9,
                            fixed_patience=10**9, retry_neurons=1, memory_size=10**9, seed=args.seed,
-                           check_every=args.check_every,
+                           check_every=args.check_every, edit_batch=batch,
                            compile=args.compile if mode.startswith("compiled") else None, cuda_graph="graphed" in mode)
     editor = Editor(model, tok, config)
     editor.memory, editor.val_memory = memory[0].clone(), memory[1].clone()
-    warm = [EditRequest(f"warmup-{r.id}", r.input, r.target) for r in requests[: args.warmup]]
-    for request in warm:  # first calls pay for kernel selection, allocator growth and the compile
-        editor.edit(request)
+    chunks = lambda rs: [rs[i:i + batch] for i in range(0, len(rs), batch)]  # noqa: E731
+    edit = (lambda rs: editor.edit_batch(rs)) if batch > 1 else (lambda rs: [editor.edit(rs[0])])  # noqa: E731
+    # first calls pay for kernel selection, allocator growth and the compile (a batched mode warms a whole pack)
+    warm = [EditRequest(f"warmup-{r.id}", r.input, r.target) for r in requests[: args.warmup and max(args.warmup, batch)]]
+    for chunk in chunks(warm):
+        edit(chunk)
     for edit_id in list(editor.edit_ids):
         editor.remove(edit_id)
     editor.memory = memory[0].clone()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     results = []
-    for request in requests:
-        sync(device)
-        results.append(editor.edit(request))
-        sync(device)
+    with warnings.catch_warnings(record=True) as refused:  # edits whose step could not be recorded (cuda_graph)
+        warnings.simplefilter("always", RecordingFailed)
+        for chunk in chunks(requests):
+            sync(device)
+            done = edit(chunk)
+            sync(device)
+            failed = [r for r in done if isinstance(r, Exception)]
+            if failed:
+                raise failed[0]
+            results.extend(done)
+    refused = [str(w.message) for w in refused if issubclass(w.category, RecordingFailed)]
+    for message in dict.fromkeys(refused):
+        print(f"{mode}: {message}", file=sys.stderr)
     trained = [r for r in results if not r.already_correct]
     steps = sum(r.steps for r in trained)
     out = {
@@ -167,7 +185,11 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
         "s_per_edit": round(sum(r.seconds for r in trained) / len(trained), 4) if trained else None,
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
     }
-    if profile_request is not None:
+    if config.cuda_graph:
+        out["recordings_failed"] = len(refused)  # of the timed edits; each then trained without a graph
+    if batch > 1:
+        out["edit_batch"] = batch
+    if profile_request is not None and batch == 1:
         out["profile"] = profile_edit(editor, profile_request, device)
     if mode.startswith("compiled"):
         out["compile_counters"] = json.loads(json.dumps(compile_counters(), default=str))
@@ -252,7 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="training steps per edit")
     p.add_argument("--warmup", type=int, default=1, help="untimed edits per mode first")
     p.add_argument("--modes", default="cached,full", help="comma-separated: cached, compiled (cached with "
-                   "PatcherConfig.compile), graphed (cached with PatcherConfig.cuda_graph), compiled-graphed, full")
+                   "PatcherConfig.compile), graphed (cached with PatcherConfig.cuda_graph), compiled-graphed, "
+                   "batched (cached, Editor.edit_batch), compiled-batched, full")
+    p.add_argument("--edit-batch", type=int, default=16, help="requests per Editor.edit_batch call in the "
+                   "batched modes (default 16)")
     p.add_argument("--compile", choices=["default", "max-autotune-no-cudagraphs"], default="default",
                    help="PatcherConfig.compile of the compiled mode (the CUDA-graph modes are refused there)")
     p.add_argument("--check-every", type=int, default=None, help="PatcherConfig.check_every (default: the patcher's)")
@@ -268,9 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         p.error(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
-    for name in ("memory", "edits", "steps"):
+    for name in ("memory", "edits", "steps", "edit_batch"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -302,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
+        "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING"),  # the driver's kernel loading (LAZY unless set)
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "memory": {"sentences": args.memory, "queries": queries, "build_s": round(build_s, 3)},

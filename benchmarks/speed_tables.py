@@ -80,7 +80,9 @@ def scale_table(results: dict[str, dict]) -> str:
         build = f"{r['memory']['build_s']:.1f} ({r['memory']['queries']:,})"
         for mode in _scale_modes_asked(r):
             m = r["modes"].get(mode)
-            label = mode + (f" ({r['compile']})" if mode.startswith("compiled") and r.get("compile") else "")
+            label = mode + (f" ({r['compile']})" if mode.startswith("compiled") and r.get("compile") else "") + \
+                (f", {m['edit_batch']} edits a batch" if m and m.get("edit_batch") else "") + \
+                (f", {m['recordings_failed']} of {m['edits']} edits not recorded" if m and m.get("recordings_failed") else "")
             if m is None or "error" in m:
                 why = "no result: the run ended during this mode" if m is None else f"failed: {m['error'][:80]}"
                 rows.append([f"`{stem}`", shape, where, label, why] + ["—"] * (len(header) - 5))
