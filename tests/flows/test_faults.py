@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flows.nightly import nightly
+from patchflow.cli import EXIT_LOCKED
 from tasks.config import load_config
 from tasks.ingest import StateStore
 from tasks.night import NightLocked, night_lock
@@ -198,19 +199,6 @@ with night_lock(load_config(sys.argv[1], Path(sys.argv[2]))):
     time.sleep(600)
 """
 
-LOCK_TRY = """
-import sys
-from pathlib import Path
-from tasks.config import load_config
-from tasks.night import NightLocked, night_lock
-try:
-    with night_lock(load_config(sys.argv[1], Path(sys.argv[2]))):
-        print("GOT THE LOCK")
-except NightLocked as exc:
-    print("NightLocked:", exc)
-    sys.exit(3)
-"""
-
 
 def test_one_night_per_model_and_the_lock_survives_a_crash(world: World, tmp_path: Path):
     world.log_errors("night1.jsonl", 0, 2)
@@ -224,11 +212,16 @@ def test_one_night_per_model_and_the_lock_survives_a_crash(world: World, tmp_pat
             assert holder.poll() is None and time.monotonic() < deadline, procs.tail(log)
             time.sleep(0.05)
 
-        # another process
-        other = subprocess.run([procs.PYTHON, "-c", LOCK_TRY, *args], env=procs.child_env(), cwd=procs.REPO,
-                               capture_output=True, text=True, timeout=120)
-        assert other.returncode == 3, other.stdout + other.stderr
-        assert f"pid {holder.pid}" in other.stdout and "not starting a second one" in other.stdout
+        # a person runs the night meanwhile: the real command, in its own process, on the harness' Prefect API;
+        # one line naming the holder, exit 4
+        other = subprocess.run([procs.PYTHON, "-m", "patchflow.cli", "--config-dir", str(world.deployments), "run",
+                                world.name], env=procs.child_env(PREFECT_API_URL=harness_api_url()), cwd=procs.REPO,
+                               capture_output=True, text=True, timeout=300)
+        assert other.returncode == EXIT_LOCKED == 4, other.stderr[-3000:]
+        mine = [line for line in other.stderr.splitlines() if line.startswith("patchflow: ")]
+        assert len(mine) == 1, other.stderr[-3000:]
+        assert mine[0].startswith(f"patchflow: another nightly run for model '{world.name}' is in progress "
+                                  f"(pid {holder.pid} since") and mine[0].endswith("not starting a second one")
 
         # the flow: fails fast, before reading, validating or patching anything
         started = time.monotonic()

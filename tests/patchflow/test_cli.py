@@ -15,8 +15,6 @@ import yaml
 
 from patchflow import cli
 from patchflow.settings import ENV_DEFAULTS
-from tasks.config import load_config
-from tasks.night import night_lock
 from tests import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,18 +88,6 @@ def test_register_base_status_and_quarantine(capsys, deployments: Path, tmp_path
     assert code == 0 and out == f"exported 0 quarantined rows to {export}\n" and export.is_file()
     code, _, err = run(capsys, *d, "register-base", NAME, str(tmp_path / "no-such-folder"))
     assert code == 2 and err.startswith("patchflow: ") and err.count("\n") == 1
-
-
-def test_run_exits_4_while_another_night_holds_the_lock(deployments: Path, tmp_path: Path):
-    """The real command in its own process (Prefect's ephemeral API), while this test holds the lock."""
-    cfg = load_config(NAME, deployments)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
-    with night_lock(cfg):
-        out = subprocess.run([sys.executable, "-m", "patchflow.cli", "--config-dir", str(deployments), "run", NAME],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == cli.EXIT_LOCKED == 4, out.stderr[-3000:]
-    mine = [line for line in out.stderr.splitlines() if line.startswith("patchflow: ")]
-    assert len(mine) == 1 and mine[0].startswith(f"patchflow: another nightly run for model '{NAME}' is in progress")
 
 
 def test_main_sets_the_environment_defaults_first(capsys, monkeypatch, deployments: Path):
