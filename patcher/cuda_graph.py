@@ -65,6 +65,12 @@ class StepGraph:
 
         self._run, self.capture, self.calls, self.graph = run, capture, 0, None
 
+    def close(self) -> None:
+        """Free the recording and its memory pool (on a GPU, over a gigabyte at the 1.1B shape) when
+        the edit ends; the step closure refers back to this object, so without this they would wait
+        for Python's cycle collector, which may run in the middle of the next edit."""
+        self.graph = self.out = self.packed = self._run = None
+
     def step(self, batch: tuple, candidates: torch.Tensor, val_top: torch.Tensor
              ) -> tuple[StepOut, torch.Tensor, torch.Tensor, Params]:
         """One step: (its output, valid until the next step; losses (4,); leak flag; the

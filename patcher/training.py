@@ -196,38 +196,42 @@ def _train_steps(step_fn, params: Params, objective: Objective, opt: torch.optim
     candidates, val_top = memory, val
     window: list[_Pending] = []
     graph: StepGraph | None = None
-    for step in range(c.max_steps):
-        if step_fn.cached and step % refresh == 0 and memory.shape[0] > n_candidates:
-            with torch.no_grad():  # each neuron's rows nearest to firing, and the validation rows that could leak most
-                candidates = objective.candidates(params, memory, n_candidates)
-                if val.shape[0]:
-                    gain = objective.gain(params, val).max(-1).values
-                    val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
-        inputs = (step_fn.batch(step), candidates, val_top)
-        if graphed and graph is None:
-            graph = StepGraph(one_step, params, inputs, capture)
-        if graph is not None:  # already updated: ``at`` holds the parameters this step was computed at
-            out, losses, leak_ok, at = graph.step(*inputs)
-        else:  # updated after the look, so the live parameters are this step's until then
-            (out, loss, losses, leak_ok), at = step_forward(*inputs), params
-        with torch.no_grad():
-            patience = validation(step, step_fn, out, at, val)
-            last = step == c.max_steps - 1 or len(window) + 1 >= check_every
-            snapshot = at if graph is not None else None if last else {k: v.detach().clone() for k, v in params.items()}
-            window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses, snapshot))
-        if last:
-            stop = _first_stop(window, params, objective, memory, val, q_edit)
-            if stop is not None:
-                if stop.snapshot is not None:
-                    with torch.no_grad():
-                        for k, v in params.items():
-                            v.copy_(stop.snapshot[k])
-                return _log(validation.log, stop.step + 1, stop.losses)
-            final_losses = window[-1].losses
-            window = []
-        if graph is None:
-            update(loss)
-    return _log(validation.log, c.max_steps, final_losses)
+    try:
+        for step in range(c.max_steps):
+            if step_fn.cached and step % refresh == 0 and memory.shape[0] > n_candidates:
+                with torch.no_grad():  # each neuron's rows nearest to firing, and the validation rows that could leak most
+                    candidates = objective.candidates(params, memory, n_candidates)
+                    if val.shape[0]:
+                        gain = objective.gain(params, val).max(-1).values
+                        val_top = val.index_select(0, gain.topk(min(64, val.shape[0])).indices)
+            inputs = (step_fn.batch(step), candidates, val_top)
+            if graphed and graph is None:
+                graph = StepGraph(one_step, params, inputs, capture)
+            if graph is not None:  # already updated: ``at`` holds the parameters this step was computed at
+                out, losses, leak_ok, at = graph.step(*inputs)
+            else:  # updated after the look, so the live parameters are this step's until then
+                (out, loss, losses, leak_ok), at = step_forward(*inputs), params
+            with torch.no_grad():
+                patience = validation(step, step_fn, out, at, val)
+                last = step == c.max_steps - 1 or len(window) + 1 >= check_every
+                snapshot = at if graph is not None else None if last else {k: v.detach().clone() for k, v in params.items()}
+                window.append(_Pending(step, leak_ok, patience, candidates is memory and val_top is val, losses, snapshot))
+            if last:
+                stop = _first_stop(window, params, objective, memory, val, q_edit)
+                if stop is not None:
+                    if stop.snapshot is not None:
+                        with torch.no_grad():
+                            for k, v in params.items():
+                                v.copy_(stop.snapshot[k])
+                    return _log(validation.log, stop.step + 1, stop.losses)
+                final_losses = window[-1].losses
+                window = []
+            if graph is None:
+                update(loss)
+        return _log(validation.log, c.max_steps, final_losses)
+    finally:  # the recording and its memory pool go now, not when the cycle collector gets to them
+        if graph is not None:
+            graph.close()
 
 
 def step_losses(step_fn: CachedStep | FullStep, objective: Objective, params: Params, batch: tuple,

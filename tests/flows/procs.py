@@ -152,11 +152,12 @@ class PrefectStack:
                                  str(self.port)], self.root / "server.log", self.env)
             wait_http(f"{self.api}/health", self.server, self.root / "server.log", timeout=180)
             self.cli("work-pool", "create", "patchflow", "--type", "process")
-            self.cli("deploy", "-n", "nightly-manual")  # from prefect.yaml in the repository root
             elsewhere = self.root / "worker-cwd"
             elsewhere.mkdir(exist_ok=True)
+            # the worker starts while the deployment is made (both are seconds of imports on a small machine)
             self.worker = start([str(BIN / "prefect"), "worker", "start", "--pool", "patchflow", "--limit", "1"],
                                 self.root / "worker.log", dict(self.env, PATCHFLOW_HOME=str(REPO)), cwd=elsewhere)
+            self.cli("deploy", "-n", "nightly-manual")  # from prefect.yaml in the repository root
         except BaseException:
             self.__exit__()
             raise

@@ -301,6 +301,7 @@ def test_cuda_graph_step_trains_what_the_ordinary_loop_does(kind, monkeypatch):
         assert all(r.fixed for r in results)
         _same_blocks(graphed, plain)
     assert len(built) == 2 * len(looks) and min(r.steps for r in expected) > 4, "test premise: every edit replayed steps"
+    assert all(g._run is None and g.graph is None for g in built), "each edit's step graph is released when it ends"
 
 
 def test_a_step_that_cannot_be_recorded_trains_as_the_ordinary_loop(monkeypatch):
