@@ -49,8 +49,8 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
 
 def test_the_batched_mode_edits_through_edit_batch(tmp_path):
     """batched: the requests go through Editor.edit_batch in packs of --edit-batch (here 2 packs:
-    3 then 1), each edit trained for exactly --steps steps. (compiled-batched differs only by
-    PatcherConfig.compile, which the compiled modes above cover; its compile would double this test.)"""
+    3 then 1), each edit trained for exactly --steps steps. (compiled-batched only adds
+    PatcherConfig.compile, which here would compile the batch step: about 30 s of a cold CI run.)"""
     out = tmp_path / "scale.json"
     scale.main(TINY[:-4] + ["--edits", "4", "--steps", "3", "--edit-batch", "3", "--modes", "batched,full",
                             "--profile", "--out", str(out)])

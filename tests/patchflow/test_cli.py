@@ -1,5 +1,6 @@
-"""The ``patchflow`` command on its real code paths: a tiny classifier in a real MLflow (SQLite) store,
-a real Prefect flow for ``run``. What a person sees: one line and exit 2 on errors they can fix."""
+"""The ``patchflow`` command on its real code paths: a tiny classifier in a real MLflow (SQLite) store.
+What a person sees: one line and exit 2 on errors they can fix. (``run``'s exit 4 while another night
+holds the lock is checked where the lock's faults are, tests/flows/test_faults.py, on a real flow.)"""
 
 from __future__ import annotations
 
