@@ -187,6 +187,7 @@ def run_mode(model, tok, mode: str, memory, requests: list[EditRequest], args, d
     }
     if config.cuda_graph:
         out["recordings_failed"] = len(refused)  # of the timed edits; each then trained without a graph
+        out["recording_errors"] = list(dict.fromkeys(refused))[:16]  # why, and the step's input shapes
     if batch > 1:
         out["edit_batch"] = batch
     if profile_request is not None and batch == 1:

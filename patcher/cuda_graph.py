@@ -91,8 +91,9 @@ class StepGraph:
             except RuntimeError as exc:  # nothing recorded ran: the parameters and Adam's state are this step's
                 self.graph = self.out = self.packed = None
                 self.capture = False
-                warnings.warn(f"cuda_graph: the training step could not be recorded ({str(exc).strip().splitlines()[0]}); "
-                              "this edit trains without a graph", RecordingFailed, stacklevel=2)
+                shapes = ", ".join("x".join(map(str, t.shape)) for t in self.static)
+                warnings.warn(f"cuda_graph: the training step could not be recorded ({str(exc).strip().splitlines()[0]}; "
+                              f"inputs {shapes}); this edit trains without a graph", RecordingFailed, stacklevel=2)
         self.calls += 1
         if self.graph is not None:
             self.graph.replay()

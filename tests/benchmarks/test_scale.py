@@ -42,7 +42,8 @@ def test_tiny_cpu_run_writes_every_field(tmp_path):
         assert prof["top_host_ops"] and all(op["count"] >= 1 for op in prof["top_host_ops"])
     assert data["modes"]["compiled"]["compile_counters"]["stats"]["unique_graphs"] >= 1
     assert "compile_counters" in data["modes"]["compiled-graphed"] and "compile_counters" not in data["modes"]["graphed"]
-    assert data["modes"]["graphed"]["recordings_failed"] == 0 and "recordings_failed" not in data["modes"]["cached"]
+    assert data["modes"]["graphed"]["recordings_failed"] == 0 and data["modes"]["graphed"]["recording_errors"] == []
+    assert "recordings_failed" not in data["modes"]["cached"]
     assert all(data[f"full_over_{m}_step"] > 0 for m in ("cached", "compiled", "graphed", "compiled-graphed"))
     assert data["command"].startswith("python -m benchmarks.scale")
 
