@@ -20,6 +20,7 @@ from typing import Callable, Collection, Sequence
 import torch
 
 import patcher
+from benchmarks.breakage import broken_causes
 from patcher import EditRequest, Editor, metrics, predict, target_correct
 
 JUDGES = ("served", "teacher-forced")
@@ -263,6 +264,11 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     if isinstance(editor, Editor) and editor.edit_ids:
         patched = predictions(model, tok, task.test_eval)
         result["folded_test_agreement"] = agreement(patched, predictions(editor.folded(), tok, task.test_eval))
+        if editor.task == "classification":
+            by_id = {i.id: i for i in edited}
+            result["test_broken_causes"] = broken_causes(
+                editor, lambda pair: judge.one(model, tok, pair), task.test_eval, base.test, test,
+                neighbours=lambda edit_id: task.neighbours(by_id[edit_id]) if edit_id in by_id else ())
     return {"result": result, "snapshots": snapshots}
 
 

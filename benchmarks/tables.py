@@ -14,7 +14,8 @@ run; a result file with ``"superseded_by"`` is kept for the record but never rea
 ``--lifecycle`` checks), ``leak-trace`` (stopping rules replayed on traced edits, ``python -m
 benchmarks.leak_trace``), ``point:<t>:<stem>,<stem>``
 (runs compared at item t of their series), ``compare:<stem>,<stem>`` (runs side by side, with the
-patcher settings they differ in) or ``gr-kinds:<stem>,<stem>`` (GR per kind of held-out paraphrase).
+patcher settings they differ in), ``gr-kinds:<stem>,<stem>`` (GR per kind of held-out paraphrase) or
+``breakage:<stem>,<stem>`` (why the test items each run broke were broken, ``benchmarks.breakage``).
 """
 
 from __future__ import annotations
@@ -162,6 +163,24 @@ def compare_table(stems: list[str], results: dict[str, dict]) -> str:
         rows.append([f"`{stem}`", *(str(config.get(k)) for k in differ), _num(m["sr"]), _num(m["er"]), _num(m["gr"]),
                      f"{tl['broken']:,} ({_num(tl['retained'])})", _num(m["neighbour_r"]), _num(m["steps_median"], 1),
                      f"{m['seconds_edits_total']:,.0f}", cpu(results[stem])])
+    return _table(header, rows)
+
+
+def breakage_table(stems: list[str], results: dict[str, dict]) -> str:
+    """Why each run's patcher broke the test items it broke (``benchmarks.breakage``)."""
+    header = ["result", "`memory_margin`", "`act_margin`", "GR", "test broken", "a neuron fires",
+              "none fires: one neuron's negative lobe", "none fires: several add up", "other",
+              "highest neuron's edit has it as a hard neighbour"]
+    rows = []
+    for stem in stems:
+        m = sme_run(results, stem, "breakage")["methods"]["patcher"]
+        if "test_broken_causes" not in m:
+            raise TableError(f"table breakage: {stem}.json records no test_broken_causes (a run before benchmarks.breakage)")
+        b, config = m["test_broken_causes"], m["config"]["patcher"]
+        n = b["broken"]
+        shares = [b["counts"][c] for c in ("firing", "below_zero_one", "below_zero_many", "other")]
+        rows.append([f"`{stem}`", str(config.get("memory_margin")), str(config.get("act_margin")), _num(m["gr"]),
+                     f"{n:,}", *(f"{k:,} ({_num(k / n) if n else '-'})" for k in shares + [b["top_edit_neighbour"]])])
     return _table(header, rows)
 
 
@@ -318,6 +337,8 @@ def table(name: str, results: dict[str, dict]) -> str:
         return compare_table(name.split(":", 1)[1].split(","), results)
     if name.startswith("gr-kinds:"):  # gr-kinds:<stem>,<stem>,...
         return gr_kinds_table(name.split(":", 1)[1].split(","), results)
+    if name.startswith("breakage:"):  # breakage:<stem>,<stem>,...
+        return breakage_table(name.split(":", 1)[1].split(","), results)
     if name.startswith("point:"):  # point:<t>:<stem>,<stem>,...
         _, t, stems = name.split(":", 2)
         return point_table(int(t), stems.split(","), results)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import harness, methods, report, sme
+from benchmarks import breakage, harness, methods, report, sme
 from benchmarks.baselines import FineTuner, FTConfig, trainable_parameters
 from patcher import EditRequest, served_correct, target_correct
 from tests import tiny
@@ -93,6 +93,12 @@ def test_json_structure(result, tmp_path):
     assert 0.0 <= cmp["test_prediction_agreement"] <= 1.0
     assert isinstance(cmp["same_edits_fixed"], bool)
     assert data["methods"]["patcher"]["config"]["memory_queries"] > 0
+    for name in ("patcher", "faithful"):  # each broken test item, with its cause (benchmarks.breakage)
+        res = data["methods"][name]
+        causes = res["test_broken_causes"]
+        assert causes["broken"] == res["test_locality"]["broken"] == len(causes["items"]) == sum(causes["counts"].values())
+        assert all(row["cause"] in breakage.CAUSES for row in causes["items"])
+    assert all("test_broken_causes" not in data["methods"][n] for n in ("ft", "ftkl", "locft-bf"))
     assert data["methods"]["ft"]["neurons"] == 0
     bf = data["methods"]["locft-bf"]
     assert bf["config"]["ft"]["breadth_first"] and bf["config"]["ft"]["layers"] == 2

@@ -198,3 +198,18 @@ def test_gr_kinds_table_counts_each_kind_beside_the_base_and_refuses_runs_withou
     assert lines[0] == "| held-out paraphrase | GR `x` | base model, facts it knows (`b`) |"
     assert lines[2:] == ["| `t2` | 0.750 (3 of 4) |  |", "| `alt` | 0.200 (1 of 5) | 0.100 (1 of 10) |",
                          "| all | 0.444 (4 of 9) |  |"]
+
+
+def test_breakage_table_gives_each_cause_its_share_and_refuses_runs_without_them():
+    r = copy.deepcopy(RESULTS["factcheck-T300-s0-compiled"])
+    r["methods"]["patcher"].pop("test_broken_causes", None)
+    with pytest.raises(tables.TableError, match="records no test_broken_causes"):
+        tables.breakage_table(["x"], {"x": r})
+    r["methods"]["patcher"]["config"]["patcher"].update(memory_margin=3.0, act_margin=0.0)
+    r["methods"]["patcher"]["gr"] = 0.5
+    r["methods"]["patcher"]["test_broken_causes"] = {
+        "broken": 20, "counts": {"firing": 5, "below_zero_one": 14, "below_zero_many": 0, "other": 1},
+        "top_edit_neighbour": 10, "items": []}
+    lines = tables.breakage_table(["x"], {"x": r}).splitlines()
+    assert lines[2] == ("| `x` | 3.0 | 0.0 | 0.500 | 20 | 5 (0.250) | 14 (0.700) | 0 (0.000) | 1 (0.050) "
+                        "| 10 (0.500) |")
