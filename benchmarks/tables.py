@@ -179,7 +179,8 @@ def breakage_table(stems: list[str], results: dict[str, dict]) -> str:
         b, config = m["test_broken_causes"], m["config"]["patcher"]
         n = b["broken"]
         shares = [b["counts"][c] for c in ("firing", "below_zero_one", "below_zero_many", "other")]
-        rows.append([f"`{stem}`", str(config.get("memory_margin")), str(config.get("act_margin")), _num(m["gr"]),
+        margin = config.get("memory_margin")
+        rows.append([f"`{stem}`", "matched" if margin is None else str(margin), str(config.get("act_margin")), _num(m["gr"]),
                      f"{n:,}", *(f"{k:,} ({_num(k / n) if n else '-'})" for k in shares + [b["top_edit_neighbour"]])])
     return _table(header, rows)
 

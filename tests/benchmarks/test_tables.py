@@ -213,3 +213,5 @@ def test_breakage_table_gives_each_cause_its_share_and_refuses_runs_without_them
     lines = tables.breakage_table(["x"], {"x": r}).splitlines()
     assert lines[2] == ("| `x` | 3.0 | 0.0 | 0.500 | 20 | 5 (0.250) | 14 (0.700) | 0 (0.000) | 1 (0.050) "
                         "| 10 (0.500) |")
+    r["methods"]["patcher"]["config"]["patcher"]["memory_margin"] = None  # matched to the activation
+    assert tables.breakage_table(["x"], {"x": r}).splitlines()[2].startswith("| `x` | matched | 0.0 |")
