@@ -104,7 +104,9 @@ class MlflowServer:
         cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend,
                "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.proc = start(cmd, log, child_env())
+        # No MLflow jobs (GenAI scorers, trace roll-ups): patchflow runs none, and without them the server
+        # starts no job runner, a third process importing MLflow beside the CLI and the app server.
+        self.proc = start(cmd, log, child_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
         wait_http(f"{self.url}/health", self.proc, log, timeout=180)
 
     def stop(self) -> None:
