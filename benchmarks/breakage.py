@@ -54,7 +54,7 @@ def broken_causes(editor: Editor, correct: Callable[[Pair], bool], pairs: Sequen
     counts = dict.fromkeys(CAUSES, 0)
     rows: list[dict] = []
     if not broken or not owners:
-        return {"broken": len(broken), "counts": counts, "items": rows}
+        return {"broken": len(broken), "counts": counts, "top_edit_neighbour": 0, "items": rows}
     values = ffn.out.extra_weight
 
     def right_with(i: int, keep: torch.Tensor) -> bool:

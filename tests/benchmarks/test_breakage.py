@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.breakage import broken_causes
+from benchmarks.breakage import CAUSES, broken_causes
 from patcher import Editor, PatcherConfig
 from patcher.layer import PatchBlock
 from tests import tiny
@@ -84,3 +84,6 @@ def test_each_cause_is_told_apart_and_the_model_is_left_as_it_was(setup):
     assert sum(out["counts"].values()) == out["broken"] == 1
     editor.remove("many")
     assert editor.is_correct(text, label)
+    # nothing broken: the same keys, all zero (what the README's table reads)
+    assert broken_causes(editor, lambda p: editor.is_correct(*p), pairs, [True], [True]) == {
+        "broken": 0, "counts": dict.fromkeys(CAUSES, 0), "top_edit_neighbour": 0, "items": []}
