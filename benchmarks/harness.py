@@ -263,7 +263,8 @@ def run_method(name: str, task: Task, stream: list[Item], base: Base, make_edito
     }
     if isinstance(editor, Editor) and editor.edit_ids:
         patched = predictions(model, tok, task.test_eval)
-        result["folded_test_agreement"] = agreement(patched, predictions(editor.folded(), tok, task.test_eval))
+        if not editor.ffn.clip:  # clipped neurons cannot be folded (PatcherConfig.clip_negative)
+            result["folded_test_agreement"] = agreement(patched, predictions(editor.folded(), tok, task.test_eval))
         if editor.task == "classification":
             by_id = {i.id: i for i in edited}
             result["test_broken_causes"] = broken_causes(

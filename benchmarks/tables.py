@@ -168,7 +168,7 @@ def compare_table(stems: list[str], results: dict[str, dict]) -> str:
 
 def breakage_table(stems: list[str], results: dict[str, dict]) -> str:
     """Why each run's patcher broke the test items it broke (``benchmarks.breakage``)."""
-    header = ["result", "`memory_margin`", "`act_margin`", "GR", "test broken", "a neuron fires",
+    header = ["result", "`memory_margin`", "`act_margin`", "`clip_negative`", "GR", "test broken", "a neuron fires",
               "none fires: one neuron's negative lobe", "none fires: several add up", "other",
               "highest neuron's edit has it as a hard neighbour"]
     rows = []
@@ -180,7 +180,8 @@ def breakage_table(stems: list[str], results: dict[str, dict]) -> str:
         n = b["broken"]
         shares = [b["counts"][c] for c in ("firing", "below_zero_one", "below_zero_many", "other")]
         margin = config.get("memory_margin")
-        rows.append([f"`{stem}`", "matched" if margin is None else str(margin), str(config.get("act_margin")), _num(m["gr"]),
+        rows.append([f"`{stem}`", "matched" if margin is None else str(margin), str(config.get("act_margin")),
+                     "yes" if config.get("clip_negative") else "no", _num(m["gr"]),
                      f"{n:,}", *(f"{k:,} ({_num(k / n) if n else '-'})" for k in shares + [b["top_edit_neighbour"]])])
     return _table(header, rows)
 

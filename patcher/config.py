@@ -38,6 +38,9 @@ class PatcherConfig(BaseModel):
     memory_margin: float | None = Field(None, description="memory loss margin; None: matched to the model's "
                                         "activation (3 for GELU and ReLU, 8 for SiLU; see objective.matched_margin) (ours)")
     memory_topk: int = 1000
+    clip_negative: bool = Field(False, description="patch neurons pass max(z, 0) to the model's activation, so one that "
+                                "does not fire adds exactly nothing (no GELU/SiLU negative lobe on inputs it is silent "
+                                "on); the patches then cannot be folded into a plain FFN (ours)")
     act_loss_weight: float = 1.0
     memory_loss_weight: float | None = Field(None, description="None: 5 for classification, 10 for generation")
     entropy_weight: float = Field(0.1, description="binary classification: edit loss adds -w * entropy")

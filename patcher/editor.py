@@ -58,13 +58,13 @@ class Editor:
     """Edits a Hugging Face model in place, one mistake at a time."""
 
     def __init__(self, model: nn.Module, tokenizer, config: PatcherConfig | None = None):
-        self.model, self.tokenizer = model, tokenizer
-        self.config = config or PatcherConfig()
+        self.model, self.tokenizer, self.config = model, tokenizer, config or PatcherConfig()
         self.family: Family = resolve_family(model)
         self.task = self.family.task
         model.requires_grad_(False)
         model.eval()
         self.ffn = PatchedFFN.of(model, self.family)
+        self.ffn.set_clip(self.config.clip_negative)
         ref = self.ffn.out.weight
         self.device, self.dtype = ref.device, ref.dtype
         self.input_device = getattr(model, "device", ref.device)  # where the embeddings are
@@ -77,7 +77,7 @@ class Editor:
         self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
         self._has_dropout = has_dropout(model)
         if self.config.memory_margin is None:
-            matched_margin(self.ffn.act)  # an activation no margin can silence is refused here, not at the first edit
+            matched_margin(self.ffn.neuron_act)  # an activation no margin can silence is refused here, not at the first edit
 
     # ------------------------------------------------------------------ queries and memory
     @property
@@ -336,10 +336,10 @@ class Editor:
         c = self.config
         q_edit = cap.q[positions].float()
         params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed, c.value_init)
-        objective = Objective(c, self.task, self.ffn.act, self.family.gated, self.device)
+        objective = Objective(c, self.task, self.ffn.neuron_act, self.family.gated, self.device)
         check_every = c.check_every or (1 if self.device.type == "cpu" or not c.cached else 8)
         if c.cached:
-            step = CachedStep(self._logits_from, self.ffn.act, self.family.gated, batches, labels, positions, c.memory_refresh)
+            step = CachedStep(self._logits_from, self.ffn.neuron_act, self.family.gated, batches, labels, positions, c.memory_refresh)
             rng = nullcontext()
         else:
             # copies of the mistake differ only by dropout, but the pooled top-k counts every one

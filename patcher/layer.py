@@ -25,7 +25,7 @@ from .families import Family, get_path, set_path
 class PatchedLinear(nn.Module):
     """A frozen linear (or GPT-2 Conv1D) projection with extra neurons.
 
-    role "in": output = [base(x), x @ K^T + b]  (extra output features)
+    role "in": output = [base(x), x @ K^T + b]  (extra output features; with ``clip``, max(x @ K^T + b, 0))
     role "out": output = base(x[..., :d]) + x[..., d:] @ V  (extra input features)
     """
 
@@ -44,6 +44,8 @@ class PatchedLinear(nn.Module):
         # Trainable neurons of the edit being trained in reference-faithful mode (None otherwise).
         self.live_weight: torch.Tensor | None = None
         self.live_bias: torch.Tensor | None = None
+        # Clipped neurons: the activation sees max(z, 0), so a neuron below 0 passes exactly nothing.
+        self.clip = False
 
     @property
     def in_features(self) -> int:
@@ -73,7 +75,8 @@ class PatchedLinear(nn.Module):
             out = self.base_forward(x)
             if weight.shape[0] == 0:
                 return out
-            return torch.cat([out, F.linear(x, weight, bias)], dim=-1)
+            extra = F.linear(x, weight, bias)
+            return torch.cat([out, extra.clamp_min(0) if self.clip else extra], dim=-1)
         d = self.in_features
         if x.shape[-1] == d:
             return self.base_forward(x)
@@ -83,6 +86,9 @@ class PatchedLinear(nn.Module):
         """A plain module of the base type with the extra neurons written into its weights."""
         extra_w, extra_b = self.extra_weight.detach(), self.extra_bias.detach()
         n = extra_w.shape[0]
+        if self.clip and n:
+            raise PatchError("clipped patch neurons (clip_negative) cannot be folded into a plain layer: the "
+                             "model's activation has no max(z, 0) in front of it; serve the model unfolded")
         w = self.weight.detach()
         b = self.bias.detach() if self.bias is not None else None
         if self.role == "in":
@@ -122,6 +128,18 @@ class PatchBlock:
         return int(self.out_weight.shape[0])
 
 
+class ClippedAct(nn.Module):
+    """The activation a clipped patch neuron goes through: act(max(z, 0)). It is 0 for z <= 0, so
+    a neuron that does not fire adds nothing (GELU's and SiLU's negative lobes are cut off)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.act(z.clamp_min(0))
+
+
 class PatchedFFN:
     """The last FFN of a model with its patch blocks. One per model, found with ``PatchedFFN.of``."""
 
@@ -143,6 +161,7 @@ class PatchedFFN:
             set_path(self.layer, family.ffn_out, out)
         self.out = out
         self.act = get_path(self.layer, family.act)
+        self._clipped_act = ClippedAct(self.act)
         self.blocks: list[PatchBlock] = []
 
     @classmethod
@@ -171,6 +190,22 @@ class PatchedFFN:
 
     def edit_ids(self) -> list[str]:
         return [b.edit_id for b in self.blocks]
+
+    @property
+    def clip(self) -> bool:
+        """Whether the patch neurons are clipped (``PatcherConfig.clip_negative``); the same for all."""
+        return self.ins[0].clip  # the first input projection is the one the activation reads (the gate)
+
+    def set_clip(self, clip: bool) -> None:
+        if clip != self.clip and self.blocks:
+            raise PatchError(f"this model carries {len(self.blocks)} patches made with clip_negative={self.clip}; "
+                             f"new ones cannot use clip_negative={clip} (one activation for all patch neurons)")
+        self.ins[0].clip = clip
+
+    @property
+    def neuron_act(self) -> nn.Module:
+        """The activation of a patch neuron's pre-activation: the model's, after max(z, 0) if clipped."""
+        return self._clipped_act if self.clip else self.act
 
     def add(self, block: PatchBlock) -> None:
         if block.edit_id in self.edit_ids():

@@ -103,6 +103,7 @@ class PatchSet:
             ffn_out=family.ffn_out,
             d_model=d_model,
             d_out=d_out,
+            clip_negative=ffn.clip if ffn is not None else bool(config is not None and config.clip_negative),
             edits=[PatchEntry(id=b.edit_id, neurons=b.neurons, meta=dict(b.meta)) for b in blocks],
             neurons=sum(b.neurons for b in blocks),
             hyperparameters=config.model_dump() if config is not None else {},
@@ -185,6 +186,7 @@ class PatchSet:
             raise PatchError(f"model already carries patches for {ffn.edit_ids()}; apply a patch set to a fresh base")
         if len(manifest.ffn_in) != len(ffn.ins):
             raise PatchError(f"patch set has {len(manifest.ffn_in)} input projections, this FFN has {len(ffn.ins)}")
+        ffn.set_clip(manifest.clip_negative)
         for block in self.blocks:
             if block.in_weight[0].shape[-1] != ffn.d_model or block.out_weight.shape[-1] != ffn.d_out:
                 raise PatchError(f"patch for edit {block.edit_id!r} does not fit this model's FFN sizes "

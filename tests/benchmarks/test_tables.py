@@ -211,7 +211,8 @@ def test_breakage_table_gives_each_cause_its_share_and_refuses_runs_without_them
         "broken": 20, "counts": {"firing": 5, "below_zero_one": 14, "below_zero_many": 0, "other": 1},
         "top_edit_neighbour": 10, "items": []}
     lines = tables.breakage_table(["x"], {"x": r}).splitlines()
-    assert lines[2] == ("| `x` | 3.0 | 0.0 | 0.500 | 20 | 5 (0.250) | 14 (0.700) | 0 (0.000) | 1 (0.050) "
+    assert lines[2] == ("| `x` | 3.0 | 0.0 | no | 0.500 | 20 | 5 (0.250) | 14 (0.700) | 0 (0.000) | 1 (0.050) "
                         "| 10 (0.500) |")
     r["methods"]["patcher"]["config"]["patcher"]["memory_margin"] = None  # matched to the activation
-    assert tables.breakage_table(["x"], {"x": r}).splitlines()[2].startswith("| `x` | matched | 0.0 |")
+    r["methods"]["patcher"]["config"]["patcher"]["clip_negative"] = True
+    assert tables.breakage_table(["x"], {"x": r}).splitlines()[2].startswith("| `x` | matched | 0.0 | yes |")

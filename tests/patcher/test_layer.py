@@ -77,3 +77,34 @@ def test_patched_ffn_blocks_add_and_remove():
     with pytest.raises(PatchError, match="input projections"):
         ffn.add(PatchBlock("b", [torch.randn(1, 32)], [torch.zeros(1)], torch.randn(1, 32)))
     assert ffn.remove("a") is block and ffn.neurons == 0 and ffn.out.extra_weight.shape == (0, 32)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_clipped_neurons_pass_nothing_below_zero(kind):
+    """clip_negative: the activation reads max(z, 0), so a neuron below 0 adds exactly nothing
+    (unclipped GELU/SiLU would add a negative share of its value), and the FFN cannot be folded."""
+    from patcher.families import resolve_family
+    from patcher.layer import ClippedAct
+
+    model, _ = tiny.build(kind)
+    ffn = PatchedFFN.of(model, resolve_family(model))
+    assert ffn.neuron_act is ffn.act and not ffn.clip
+    ffn.set_clip(True)
+    assert isinstance(ffn.neuron_act, ClippedAct) and ffn.neuron_act.act is ffn.act
+    z = torch.linspace(-4, 4, 81)
+    torch.testing.assert_close(ffn.neuron_act(z), torch.where(z > 0, ffn.act(z), torch.zeros(())))
+    assert ffn.act(torch.tensor([-0.75])).item() < -0.1  # the lobe the clip removes
+    n = 3
+    x = torch.randn(2, 5, ffn.d_model)
+    key, bias = torch.randn(n, ffn.d_model), torch.randn(n)
+    ffn.add(PatchBlock("a", [key] * len(ffn.ins), [bias] * len(ffn.ins), torch.randn(n, ffn.d_out)))
+    extra = ffn.ins[0](x)[..., -n:]
+    z = x @ key.T + bias
+    assert (z < 0).any() and (z > 0).any()
+    torch.testing.assert_close(extra, z.clamp_min(0))
+    if len(ffn.ins) > 1:  # gated: only the gate is clipped; the up projection stays linear
+        torch.testing.assert_close(ffn.ins[1](x)[..., -n:], z)
+    with pytest.raises(PatchError, match="clip_negative=True; new ones cannot use clip_negative=False"):
+        ffn.set_clip(False)
+    with pytest.raises(PatchError, match="cannot be folded"):
+        ffn.fold(model)

@@ -207,6 +207,30 @@ def test_fold_changes_no_output(kind):
         assert not module.weight.requires_grad
 
 
+@pytest.mark.parametrize("kind", ["distilbert", "llama", "t5-gated"])
+def test_clipped_patches_edit_round_trip_and_refuse_to_fold(kind, tmp_path):
+    """clip_negative=True: the edit is fixed, the manifest says the neurons are clipped, applying
+    the saved set clips them again (same logits), and an editor or a fold that would drop the
+    clip is refused."""
+    editor = C.editor_for(kind, clip_negative=True)
+    request = C.wrong_request(editor)
+    assert editor.edit(request).fixed and editor.is_correct(request.input, request.target)
+    assert editor.patch_set().manifest.clip_negative
+    editor.patch_set().save(tmp_path)
+    model, tok = _fresh(kind)
+    PatchSet.load(tmp_path).apply(model)
+    assert PatchedFFN.find(model).clip
+    assert torch.equal(C.logits(model, tok), C.logits(editor.model, tok))
+    unclipped, _ = _fresh(kind)  # the same neurons unclipped are another model
+    manifest = PatchSet.load(tmp_path).manifest.model_copy(update={"clip_negative": False})
+    PatchSet(manifest, PatchSet.load(tmp_path).blocks).apply(unclipped)
+    assert not torch.equal(C.logits(unclipped, tok), C.logits(editor.model, tok))
+    with pytest.raises(PatchError, match="clip_negative=True; new ones cannot use clip_negative=False"):
+        Editor(editor.model, editor.tokenizer, C.config())
+    with pytest.raises(PatchError, match="cannot be folded"):
+        editor.folded()
+
+
 def test_folded_model_serves_and_saves_state(tmp_path):
     s = C.stream("bert")
     folded = s.editor.folded()
@@ -240,14 +264,14 @@ def test_manifest_written_by_the_previous_code_still_loads(tmp_path):
     model = _handmade("gpt2")
     PatchSet.from_model(model).save(tmp_path / "new")
     old = json.loads((tmp_path / "new" / "manifest.json").read_text())
-    for key in ("d_model", "d_out", "base_dtype"):
+    for key in ("d_model", "d_out", "base_dtype", "clip_negative"):
         del old[key]
     old["created_at"] = "2026-11-20T02:00:00.123456+00:00"
     old["edits"][0]["source"] = "ticket-7"
     old["night"] = "2026-11-20"  # an `extra` field
     (tmp_path / "new" / "manifest.json").write_text(json.dumps(old, indent=2, sort_keys=True))
     loaded = PatchSet.load(tmp_path / "new")
-    assert loaded.edit_ids == ["a", "b"] and loaded.manifest.d_model is None
+    assert loaded.edit_ids == ["a", "b"] and loaded.manifest.d_model is None and not loaded.manifest.clip_negative
     assert loaded.manifest.edits[0].meta == {"source": "ticket-7"} and loaded.blocks[0].meta == {"source": "ticket-7"}
     assert loaded.manifest.model_extra == {"night": "2026-11-20"}
     resaved = json.loads((loaded.save(tmp_path / "again") / "manifest.json").read_text())
