@@ -105,7 +105,7 @@ def train_together(editor, preps: list) -> list[tuple]:
     # each neuron's memory: the memory, and the queries of the batch's edits before its own (masked otherwise)
     q_of = torch.cat([torch.full((p.cap.q.shape[0],), e, device=device) for e, p in enumerate(preps)])
     memory = torch.cat([editor.memory, *(p.cap.q.float() for p in preps)])
-    objective = Objective(c, editor.task, editor.ffn.neuron_act, editor.family.gated, device)
+    objective = Objective(c, editor.task, editor.ffn.neuron_act, editor.family.gated, device, editor.ffn.act)
     loop = _Loop(c, objective, editor._logits_from, preps, rounds, inits, memory, q_of, editor.val_memory, editor.dtype)
     out = []
     for p, (step, losses, at) in zip(preps, loop.run()):

@@ -77,7 +77,7 @@ class Editor:
         self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
         self._has_dropout = has_dropout(model)
         if self.config.memory_margin is None:
-            matched_margin(self.ffn.neuron_act)  # an activation no margin can silence is refused here, not at the first edit
+            matched_margin(self.ffn.act)  # an activation no margin can silence is refused here, not at the first edit
 
     # ------------------------------------------------------------------ queries and memory
     @property
@@ -336,7 +336,7 @@ class Editor:
         c = self.config
         q_edit = cap.q[positions].float()
         params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed, c.value_init)
-        objective = Objective(c, self.task, self.ffn.neuron_act, self.family.gated, self.device)
+        objective = Objective(c, self.task, self.ffn.neuron_act, self.family.gated, self.device, self.ffn.act)
         check_every = c.check_every or (1 if self.device.type == "cpu" or not c.cached else 8)
         if c.cached:
             step = CachedStep(self._logits_from, self.ffn.neuron_act, self.family.gated, batches, labels, positions, c.memory_refresh)

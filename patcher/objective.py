@@ -61,11 +61,17 @@ def topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
 class Objective:
     """What one edit is trained against, and the leak bound that decides when it is done."""
 
-    def __init__(self, config, task: str, act: nn.Module, gated: bool, device: torch.device):
+    def __init__(self, config, task: str, act: nn.Module, gated: bool, device: torch.device,
+                 screen_act: nn.Module | None = None):
+        """``act``: the new neurons' activation. ``screen_act`` (default ``act``): the one whose envelope
+        bounds the leak and sets the matched margin. For clipped neurons it is the model's own, so a
+        clipped neuron trains as long as an unclipped one would (until it would be silent unclipped),
+        and the clip only takes away what it adds to inputs below 0 that the memory does not hold."""
         self.config, self.task, self.act, self.gated = config, task, act, gated
+        self._screen = screen_act if screen_act is not None else act
         # Envelope of the activation, max |act(z')| over z' <= z, tabulated once on the device.
-        self._grid, self._env = leak_envelope(act, device)
-        self.margin = config.memory_margin if config.memory_margin is not None else matched_margin(act)
+        self._grid, self._env = leak_envelope(self._screen, device)
+        self.margin = config.memory_margin if config.memory_margin is not None else matched_margin(self._screen)
 
     def edit_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.edit_loss_rows(logits, labels).mean()
@@ -143,7 +149,7 @@ class Objective:
     def envelope(self, z: torch.Tensor) -> torch.Tensor:
         """max |act(z')| over z' <= z: the most a neuron can pass to any input at or below z."""
         idx = torch.searchsorted(self._grid, z.contiguous()).clamp(max=len(self._grid) - 1)
-        return torch.where(z > self._grid[-1], self.act(z).abs(), self._env[idx])
+        return torch.where(z > self._grid[-1], self._screen(z).abs(), self._env[idx])
 
     def gain(self, params: Params, queries: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """(N, n): the most each neuron can pass to each query (up to the value vector): the

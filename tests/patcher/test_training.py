@@ -406,6 +406,24 @@ def test_the_margin_the_losses_use():
     assert torch.allclose(loss, torch.exp(torch.tensor(-1.0 + 8.0)) + torch.exp(torch.tensor(8.0)))
 
 
+def test_clipped_neurons_are_screened_with_the_models_activation():
+    """A clipped neuron passes nothing below 0, but its leak bound and matched margin are read off
+    the model's activation: it trains until it would be silent unclipped (else the leak stop would
+    end training as soon as the memory is below 0)."""
+    from patcher import PatcherConfig
+    from patcher.layer import ClippedAct
+    from patcher.objective import Objective
+
+    cpu, silu = torch.device("cpu"), torch.nn.SiLU()
+    clipped = Objective(PatcherConfig(), "generation", ClippedAct(silu), False, cpu, silu)
+    alone = Objective(PatcherConfig(), "generation", ClippedAct(silu), False, cpu)
+    assert clipped.margin == 8.0 and alone.margin == 3.0
+    z = torch.tensor([-5.0, -1.0, 2.0])
+    assert clipped.act(z)[:2].eq(0).all() and alone.envelope(z)[:2].eq(0).all()
+    torch.testing.assert_close(clipped.envelope(z), Objective(PatcherConfig(), "generation", silu, False, cpu).envelope(z))
+    assert clipped.envelope(z)[1] > 0.2
+
+
 def test_an_activation_no_margin_silences_is_refused_when_the_editor_is_made():
     """tanh passes -1 to everything far below zero: no margin bounds the leak, so the editor says
     so at once (and how to proceed) instead of failing at the first edit."""
