@@ -16,13 +16,15 @@ from tests.patcher.test_device import _DefaultDevice
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.mark.parametrize("kind,steps", [("distilbert", 40), ("gpt2", 40), ("t5-gated", 120)])
-def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(kind, steps):
+@pytest.mark.parametrize("kind,steps,clip", [("distilbert", 40, False), ("gpt2", 40, False), ("t5-gated", 120, False),
+                                            ("distilbert", 40, True), ("gpt2", 40, True)])
+def test_each_edit_of_a_pack_trains_as_it_would_alone_after_the_ones_before_it(kind, steps, clip):
     """Three edits in one pack, stopping at different steps (the pack shrinks as they stop; one may
     run to ``max_steps``): each edit's neurons, steps and losses are those ``_train`` gives it
     alone, against the memory plus the queries of the edits before it in the batch and not after
     (to float rounding): per-edit losses, clip, stopping rules and memory masks."""
-    editor = C.editor_for(kind, max_steps=steps, dropout_rounds=2, leak_tol=1e9, memory_candidates=16, memory_topk=8)
+    editor = C.editor_for(kind, max_steps=steps, dropout_rounds=2, leak_tol=1e9, memory_candidates=16, memory_topk=8,
+                          clip_negative=clip)
     requests = [C.wrong_request(editor, i) for i in range(3)]
     preps = [editor._prepare(r, 0.0) for r in requests]
     packed = train_together(editor, preps)
