@@ -199,7 +199,8 @@ class PatchedFFN:
     def set_clip(self, clip: bool) -> None:
         if clip != self.clip and self.blocks:
             raise PatchError(f"this model carries {len(self.blocks)} patches made with clip_negative={self.clip}; "
-                             f"new ones cannot use clip_negative={clip} (one activation for all patch neurons)")
+                             f"new ones cannot use clip_negative={clip} (one activation for all patch neurons): "
+                             f"keep clip_negative={self.clip} for this model, or patch its base (no patches) to change it")
         self.ins[0].clip = clip
 
     @property
