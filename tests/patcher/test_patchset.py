@@ -217,13 +217,13 @@ def test_clipped_patches_edit_round_trip_and_refuse_to_fold(kind, tmp_path):
     assert editor.edit(request).fixed and editor.is_correct(request.input, request.target)
     assert editor.patch_set().manifest.clip_negative
     editor.patch_set().save(tmp_path)
+    saved = PatchSet.load(tmp_path)
     model, tok = _fresh(kind)
-    PatchSet.load(tmp_path).apply(model)
+    saved.apply(model)
     assert PatchedFFN.find(model).clip
     assert torch.equal(C.logits(model, tok), C.logits(editor.model, tok))
     unclipped, _ = _fresh(kind)  # the same neurons unclipped are another model
-    manifest = PatchSet.load(tmp_path).manifest.model_copy(update={"clip_negative": False})
-    PatchSet(manifest, PatchSet.load(tmp_path).blocks).apply(unclipped)
+    PatchSet(saved.manifest.model_copy(update={"clip_negative": False}), saved.blocks).apply(unclipped)
     assert not torch.equal(C.logits(unclipped, tok), C.logits(editor.model, tok))
     with pytest.raises(PatchError, match="clip_negative=True; new ones cannot use clip_negative=False"):
         Editor(editor.model, editor.tokenizer, C.config())
