@@ -1,7 +1,7 @@
 """Why a patched classifier breaks held-out items it used to get right, neuron by neuron.
 
-A patch neuron changes an input's output in one of two ways: it *fires* (pre-activation z > 0)
-and adds up to its full value, or it stays below 0 and, GELU or SiLU being negative there, adds a
+A patch neuron changes an input's output in one of two ways: it *fires* (pre-activation z > 0,
+or above ``clip_threshold`` for clipped neurons) and adds up to its full value, or it stays below 0 and, GELU or SiLU being negative there, adds a
 small multiple of minus its value (GELU reaches -0.17 at z = -0.75 and is still -0.004 at z = -3),
 which pushes towards the other label. For each held-out item the base got right and the patched
 model gets wrong, this takes the patch neurons out of the model, a group at a time, and judges
@@ -65,8 +65,9 @@ def broken_causes(editor: Editor, correct: Callable[[Pair], bool], pairs: Sequen
             ffn.out.extra_weight = values
 
     z_all = _preactivations(editor, [pairs[i][0] for i in broken])
+    threshold = ffn.clip_threshold if ffn.clip else 0.0  # clipped neurons pass nothing at or below it
     for i, z in zip(broken, z_all):
-        firing = z > 0
+        firing = z > threshold
         top = int(z.argmax())
         if bool(firing.any()):
             cause = "firing" if right_with(i, ~firing) else "other"

@@ -166,6 +166,14 @@ def compare_table(stems: list[str], results: dict[str, dict]) -> str:
     return _table(header, rows)
 
 
+def _clip(config: dict) -> str:
+    """``clip_negative`` as the breakage table shows it: no, yes, or yes (z > threshold)."""
+    if not config.get("clip_negative"):
+        return "no"
+    threshold = config.get("clip_threshold") or 0
+    return f"yes (z > {threshold:g})" if threshold else "yes"
+
+
 def breakage_table(stems: list[str], results: dict[str, dict]) -> str:
     """Why each run's patcher broke the test items it broke (``benchmarks.breakage``)."""
     header = ["result", "`memory_margin`", "`act_margin`", "`clip_negative`", "GR", "test broken", "a neuron fires",
@@ -181,7 +189,7 @@ def breakage_table(stems: list[str], results: dict[str, dict]) -> str:
         shares = [b["counts"][c] for c in ("firing", "below_zero_one", "below_zero_many", "other")]
         margin = config.get("memory_margin")
         rows.append([f"`{stem}`", "matched" if margin is None else str(margin), str(config.get("act_margin")),
-                     "yes" if config.get("clip_negative") else "no", _num(m["gr"]),
+                     _clip(config), _num(m["gr"]),
                      f"{n:,}", *(f"{k:,} ({_num(k / n) if n else '-'})" for k in shares + [b["top_edit_neighbour"]])])
     return _table(header, rows)
 

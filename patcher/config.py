@@ -41,6 +41,9 @@ class PatcherConfig(BaseModel):
     clip_negative: bool = Field(False, description="patch neurons pass max(z, 0) to the model's activation, so one that "
                                 "does not fire adds exactly nothing (no GELU/SiLU negative lobe on inputs it is silent "
                                 "on); the patches then cannot be folded into a plain FFN (ours)")
+    clip_threshold: float = Field(0.0, ge=0, description="with clip_negative: a neuron passes nothing until its "
+                                  "pre-activation is above this, so inputs it fires on only weakly are left alone too; "
+                                  "at most act_margin, which the activation loss asks of the mistake (ours)")
     act_loss_weight: float = 1.0
     memory_loss_weight: float | None = Field(None, description="None: 5 for classification, 10 for generation")
     entropy_weight: float = Field(0.1, description="binary classification: edit loss adds -w * entropy")
@@ -123,6 +126,16 @@ class PatcherConfig(BaseModel):
                              "in the compiled backward, reduce-overhead on an H200 with torch 2.11); use 'default' or "
                              "'max-autotune-no-cudagraphs'")
         return value
+
+    @model_validator(mode="after")
+    def _clip_threshold_below_act_margin(self) -> "PatcherConfig":
+        if self.clip_threshold and not self.clip_negative:
+            raise ValueError(f"clip_threshold={self.clip_threshold:g} applies to clipped neurons: set clip_negative=True")
+        if self.clip_threshold > self.act_margin:
+            raise ValueError(f"clip_threshold={self.clip_threshold:g} is above act_margin={self.act_margin:g}: the mistake "
+                             f"itself could stay below the threshold, where the neuron passes nothing; set act_margin "
+                             f">= clip_threshold")
+        return self
 
     @model_validator(mode="after")
     def _compile_needs_cached(self) -> "PatcherConfig":

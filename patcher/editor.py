@@ -64,7 +64,7 @@ class Editor:
         model.requires_grad_(False)
         model.eval()
         self.ffn = PatchedFFN.of(model, self.family)
-        self.ffn.set_clip(self.config.clip_negative)
+        self.ffn.set_clip(self.config.clip_negative, self.config.clip_threshold)
         ref = self.ffn.out.weight
         self.device, self.dtype = ref.device, ref.dtype
         self.input_device = getattr(model, "device", ref.device)  # where the embeddings are

@@ -25,7 +25,8 @@ from .families import Family, get_path, set_path
 class PatchedLinear(nn.Module):
     """A frozen linear (or GPT-2 Conv1D) projection with extra neurons.
 
-    role "in": output = [base(x), x @ K^T + b]  (extra output features; with ``clip``, max(x @ K^T + b, 0))
+    role "in": output = [base(x), z = x @ K^T + b]  (extra output features; with ``clip``, z where
+               z > ``clip_threshold`` and 0 elsewhere)
     role "out": output = base(x[..., :d]) + x[..., d:] @ V  (extra input features)
     """
 
@@ -44,8 +45,10 @@ class PatchedLinear(nn.Module):
         # Trainable neurons of the edit being trained in reference-faithful mode (None otherwise).
         self.live_weight: torch.Tensor | None = None
         self.live_bias: torch.Tensor | None = None
-        # Clipped neurons: the activation sees max(z, 0), so a neuron below 0 passes exactly nothing.
+        # Clipped neurons: the activation sees z only above the threshold (0 by default) and 0 below
+        # it, so a neuron that does not fire passes exactly nothing.
         self.clip = False
+        self.clip_threshold = 0.0
 
     @property
     def in_features(self) -> int:
@@ -76,7 +79,7 @@ class PatchedLinear(nn.Module):
             if weight.shape[0] == 0:
                 return out
             extra = F.linear(x, weight, bias)
-            return torch.cat([out, extra.clamp_min(0) if self.clip else extra], dim=-1)
+            return torch.cat([out, clip_below(extra, self.clip_threshold) if self.clip else extra], dim=-1)
         d = self.in_features
         if x.shape[-1] == d:
             return self.base_forward(x)
@@ -88,7 +91,7 @@ class PatchedLinear(nn.Module):
         n = extra_w.shape[0]
         if self.clip and n:
             raise PatchError("clipped patch neurons (clip_negative) cannot be folded into a plain layer: the "
-                             "model's activation has no max(z, 0) in front of it; serve the model unfolded")
+                             "model's activation has no clip in front of it; serve the model unfolded")
         w = self.weight.detach()
         b = self.bias.detach() if self.bias is not None else None
         if self.role == "in":
@@ -128,16 +131,26 @@ class PatchBlock:
         return int(self.out_weight.shape[0])
 
 
-class ClippedAct(nn.Module):
-    """The activation a clipped patch neuron goes through: act(max(z, 0)). It is 0 for z <= 0, so
-    a neuron that does not fire adds nothing (GELU's and SiLU's negative lobes are cut off)."""
+def clip_below(z: torch.Tensor, threshold: float) -> torch.Tensor:
+    """z where z > threshold, 0 elsewhere (max(z, 0) at threshold 0). The activations patched here
+    (GELU, SiLU, ReLU) are 0 at 0, so act(clip_below(z)) is 0 wherever the neuron does not fire."""
+    if threshold == 0:
+        return z.clamp_min(0)
+    return z.masked_fill(z <= threshold, 0)
 
-    def __init__(self, act: nn.Module):
+
+class ClippedAct(nn.Module):
+    """The activation a clipped patch neuron goes through: act(z) above the threshold, 0 at and below
+    it. A neuron that does not fire adds nothing (GELU's and SiLU's negative lobes are cut off); with
+    a threshold above 0, neither does one that fires only weakly, on inputs between it and 0."""
+
+    def __init__(self, act: nn.Module, threshold: float = 0.0):
         super().__init__()
         self.act = act
+        self.threshold = threshold
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.act(z.clamp_min(0))
+        return self.act(clip_below(z, self.threshold))
 
 
 class PatchedFFN:
@@ -196,16 +209,28 @@ class PatchedFFN:
         """Whether the patch neurons are clipped (``PatcherConfig.clip_negative``); the same for all."""
         return self.ins[0].clip  # the first input projection is the one the activation reads (the gate)
 
-    def set_clip(self, clip: bool) -> None:
-        if clip != self.clip and self.blocks:
-            raise PatchError(f"this model carries {len(self.blocks)} patches made with clip_negative={self.clip}; "
-                             f"new ones cannot use clip_negative={clip} (one activation for all patch neurons): "
-                             f"keep clip_negative={self.clip} for this model, or patch its base (no patches) to change it")
-        self.ins[0].clip = clip
+    @property
+    def clip_threshold(self) -> float:
+        """Where clipped neurons start to pass anything (``PatcherConfig.clip_threshold``)."""
+        return self.ins[0].clip_threshold
+
+    def set_clip(self, clip: bool, threshold: float = 0.0) -> None:
+        threshold = float(threshold) if clip else 0.0
+        if (clip, threshold) != (self.clip, self.clip_threshold) and self.blocks:
+            raise PatchError(f"this model carries {len(self.blocks)} patches made with {self._clip_setting(self.clip, self.clip_threshold)}; "
+                             f"new ones cannot use {self._clip_setting(clip, threshold)} (one activation for all patch "
+                             f"neurons): keep {self._clip_setting(self.clip, self.clip_threshold)} for this model, or patch "
+                             f"its base (no patches) to change it")
+        self.ins[0].clip, self.ins[0].clip_threshold = clip, threshold
+        self._clipped_act.threshold = threshold
+
+    @staticmethod
+    def _clip_setting(clip: bool, threshold: float) -> str:
+        return f"clip_negative={clip}" + (f", clip_threshold={threshold:g}" if clip else "")
 
     @property
     def neuron_act(self) -> nn.Module:
-        """The activation of a patch neuron's pre-activation: the model's, after max(z, 0) if clipped."""
+        """The activation of a patch neuron's pre-activation: the model's, clipped if ``clip``."""
         return self._clipped_act if self.clip else self.act
 
     def add(self, block: PatchBlock) -> None:

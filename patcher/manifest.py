@@ -77,6 +77,7 @@ class PatchManifest(BaseModel):
     d_model: int | None = Field(None, gt=0)  # width of the FFN input (a key row)
     d_out: int | None = Field(None, gt=0)  # width of the FFN output (a value row)
     clip_negative: bool = False  # the neurons see max(z, 0) (PatcherConfig.clip_negative); absent before it existed
+    clip_threshold: float = 0.0  # clipped neurons pass nothing at or below it (PatcherConfig.clip_threshold)
     edits: list[PatchEntry] = Field(default_factory=list)
     neurons: int = Field(0, ge=0)
     hyperparameters: dict[str, Any] = Field(default_factory=dict)  # the PatcherConfig used

@@ -104,6 +104,7 @@ class PatchSet:
             d_model=d_model,
             d_out=d_out,
             clip_negative=ffn.clip if ffn is not None else bool(config is not None and config.clip_negative),
+            clip_threshold=ffn.clip_threshold if ffn is not None else (config.clip_threshold if config is not None else 0.0),
             edits=[PatchEntry(id=b.edit_id, neurons=b.neurons, meta=dict(b.meta)) for b in blocks],
             neurons=sum(b.neurons for b in blocks),
             hyperparameters=config.model_dump() if config is not None else {},
@@ -186,7 +187,7 @@ class PatchSet:
             raise PatchError(f"model already carries patches for {ffn.edit_ids()}; apply a patch set to a fresh base")
         if len(manifest.ffn_in) != len(ffn.ins):
             raise PatchError(f"patch set has {len(manifest.ffn_in)} input projections, this FFN has {len(ffn.ins)}")
-        ffn.set_clip(manifest.clip_negative)
+        ffn.set_clip(manifest.clip_negative, manifest.clip_threshold)
         for block in self.blocks:
             if block.in_weight[0].shape[-1] != ffn.d_model or block.out_weight.shape[-1] != ffn.d_out:
                 raise PatchError(f"patch for edit {block.edit_id!r} does not fit this model's FFN sizes "

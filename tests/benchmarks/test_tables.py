@@ -216,3 +216,5 @@ def test_breakage_table_gives_each_cause_its_share_and_refuses_runs_without_them
     r["methods"]["patcher"]["config"]["patcher"]["memory_margin"] = None  # matched to the activation
     r["methods"]["patcher"]["config"]["patcher"]["clip_negative"] = True
     assert tables.breakage_table(["x"], {"x": r}).splitlines()[2].startswith("| `x` | matched | 0.0 | yes |")
+    r["methods"]["patcher"]["config"]["patcher"]["clip_threshold"] = 1.5
+    assert tables.breakage_table(["x"], {"x": r}).splitlines()[2].startswith("| `x` | matched | 0.0 | yes (z > 1.5) |")

@@ -320,6 +320,11 @@ def test_config_defaults_are_the_reference():
         PatcherConfig(memory_sise=10)
     with pytest.raises(ValidationError):
         PatcherConfig(max_steps=0)
+    with pytest.raises(ValidationError, match="applies to clipped neurons"):
+        PatcherConfig(clip_threshold=1.0, act_margin=3.0)
+    with pytest.raises(ValidationError, match="above act_margin=0"):  # the mistake itself could pass nothing
+        PatcherConfig(clip_negative=True, clip_threshold=1.0)
+    assert PatcherConfig(clip_negative=True, clip_threshold=2.0, act_margin=3.0).clip_threshold == 2.0
 
 
 def test_editor_reuses_the_models_patched_ffn():

@@ -104,7 +104,31 @@ def test_clipped_neurons_pass_nothing_below_zero(kind):
     torch.testing.assert_close(extra, z.clamp_min(0))
     if len(ffn.ins) > 1:  # gated: only the gate is clipped; the up projection stays linear
         torch.testing.assert_close(ffn.ins[1](x)[..., -n:], z)
-    with pytest.raises(PatchError, match="clip_negative=True; new ones cannot use clip_negative=False"):
+    with pytest.raises(PatchError, match="clip_threshold=0; new ones cannot use clip_negative=False"):
         ffn.set_clip(False)
     with pytest.raises(PatchError, match="cannot be folded"):
         ffn.fold(model)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_a_clip_threshold_silences_weak_firing_too(kind):
+    """clip_threshold: a clipped neuron passes act(z) only above the threshold, so inputs it fires
+    on weakly (0 < z <= threshold) get nothing; the setting is one for all of a model's patches."""
+    from patcher.families import resolve_family
+
+    model, _ = tiny.build(kind)
+    ffn = PatchedFFN.of(model, resolve_family(model))
+    ffn.set_clip(True, 1.5)
+    assert ffn.clip_threshold == 1.5 and ffn.neuron_act.threshold == 1.5
+    z = torch.linspace(-4, 4, 81)
+    torch.testing.assert_close(ffn.neuron_act(z), torch.where(z > 1.5, ffn.act(z), torch.zeros(())))
+    n = 4
+    x = torch.randn(2, 5, ffn.d_model)
+    key, bias = torch.randn(n, ffn.d_model), torch.randn(n)
+    ffn.add(PatchBlock("a", [key] * len(ffn.ins), [bias] * len(ffn.ins), torch.randn(n, ffn.d_out)))
+    z = x @ key.T + bias
+    assert ((z > 0) & (z <= 1.5)).any() and (z > 1.5).any()
+    torch.testing.assert_close(ffn.ins[0](x)[..., -n:], torch.where(z > 1.5, z, torch.zeros(())))
+    with pytest.raises(PatchError, match="clip_threshold=1.5; new ones cannot use clip_negative=True, clip_threshold=0 "):
+        ffn.set_clip(True)
+    ffn.set_clip(True, 1.5)  # the same setting again is fine

@@ -207,25 +207,25 @@ def test_fold_changes_no_output(kind):
         assert not module.weight.requires_grad
 
 
-@pytest.mark.parametrize("kind", ["distilbert", "llama", "t5-gated"])
-def test_clipped_patches_edit_round_trip_and_refuse_to_fold(kind, tmp_path):
-    """clip_negative=True: the edit is fixed, the manifest says the neurons are clipped, applying
-    the saved set clips them again (same logits), and an editor or a fold that would drop the
-    clip is refused."""
-    editor = C.editor_for(kind, clip_negative=True)
+@pytest.mark.parametrize("kind,threshold", [("distilbert", 0.0), ("llama", 0.0), ("t5-gated", 0.0), ("distilbert", 1.0)])
+def test_clipped_patches_edit_round_trip_and_refuse_to_fold(kind, threshold, tmp_path):
+    """clip_negative=True (with or without a clip_threshold): the edit is fixed, the manifest says
+    how the neurons are clipped, applying the saved set clips them again (same logits), and an
+    editor or a fold that would drop the clip is refused."""
+    editor = C.editor_for(kind, clip_negative=True, clip_threshold=threshold, act_margin=threshold)
     request = C.wrong_request(editor)
     assert editor.edit(request).fixed and editor.is_correct(request.input, request.target)
-    assert editor.patch_set().manifest.clip_negative
+    assert editor.patch_set().manifest.clip_negative and editor.patch_set().manifest.clip_threshold == threshold
     editor.patch_set().save(tmp_path)
     saved = PatchSet.load(tmp_path)
     model, tok = _fresh(kind)
     saved.apply(model)
-    assert PatchedFFN.find(model).clip
+    assert PatchedFFN.find(model).clip and PatchedFFN.find(model).clip_threshold == threshold
     assert torch.equal(C.logits(model, tok), C.logits(editor.model, tok))
     unclipped, _ = _fresh(kind)  # the same neurons unclipped are another model
     PatchSet(saved.manifest.model_copy(update={"clip_negative": False}), saved.blocks).apply(unclipped)
     assert not torch.equal(C.logits(unclipped, tok), C.logits(editor.model, tok))
-    with pytest.raises(PatchError, match="clip_negative=True; new ones cannot use clip_negative=False"):
+    with pytest.raises(PatchError, match="new ones cannot use clip_negative=False"):
         Editor(editor.model, editor.tokenizer, C.config())
     with pytest.raises(PatchError, match="cannot be folded"):
         editor.folded()
@@ -264,7 +264,7 @@ def test_manifest_written_by_the_previous_code_still_loads(tmp_path):
     model = _handmade("gpt2")
     PatchSet.from_model(model).save(tmp_path / "new")
     old = json.loads((tmp_path / "new" / "manifest.json").read_text())
-    for key in ("d_model", "d_out", "base_dtype", "clip_negative"):
+    for key in ("d_model", "d_out", "base_dtype", "clip_negative", "clip_threshold"):
         del old[key]
     old["created_at"] = "2026-11-20T02:00:00.123456+00:00"
     old["edits"][0]["source"] = "ticket-7"
@@ -272,6 +272,7 @@ def test_manifest_written_by_the_previous_code_still_loads(tmp_path):
     (tmp_path / "new" / "manifest.json").write_text(json.dumps(old, indent=2, sort_keys=True))
     loaded = PatchSet.load(tmp_path / "new")
     assert loaded.edit_ids == ["a", "b"] and loaded.manifest.d_model is None and not loaded.manifest.clip_negative
+    assert loaded.manifest.clip_threshold == 0.0
     assert loaded.manifest.edits[0].meta == {"source": "ticket-7"} and loaded.blocks[0].meta == {"source": "ticket-7"}
     assert loaded.manifest.model_extra == {"night": "2026-11-20"}
     resaved = json.loads((loaded.save(tmp_path / "again") / "manifest.json").read_text())
