@@ -150,9 +150,15 @@ def cpu(result: dict) -> str:
     return named or "not recorded"
 
 
+# Settings added after some runs were made, and what their absence in a run's config means (the
+# code then behaved as this value does).
+ABSENT_MEANS = {"clip_negative": False, "clip_threshold": 0.0}
+
+
 def compare_table(stems: list[str], results: dict[str, dict]) -> str:
     """Several runs' patcher side by side, with the patcher settings in which they differ."""
-    configs = [sme_run(results, stem, "compare")["methods"]["patcher"]["config"]["patcher"] for stem in stems]
+    configs = [{**ABSENT_MEANS, **sme_run(results, stem, "compare")["methods"]["patcher"]["config"]["patcher"]}
+               for stem in stems]
     differ = sorted({k for c in configs for k in c if any(c.get(k) != o.get(k) for o in configs)})
     header = ["result", *(f"`{k}`" for k in differ), "SR", "ER", "GR", "test broken (retained)", "neighbour retained",
               "median steps", "edit seconds", "CPU"]
@@ -170,7 +176,7 @@ def _clip(config: dict) -> str:
     """``clip_negative`` as the breakage table shows it: no, yes, or yes (z > threshold)."""
     if not config.get("clip_negative"):
         return "no"
-    threshold = config.get("clip_threshold") or 0
+    threshold = config.get("clip_threshold", ABSENT_MEANS["clip_threshold"])
     return f"yes (z > {threshold:g})" if threshold else "yes"
 
 

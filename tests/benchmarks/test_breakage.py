@@ -87,3 +87,17 @@ def test_each_cause_is_told_apart_and_the_model_is_left_as_it_was(setup):
     # nothing broken: the same keys, all zero (what the README's table reads)
     assert broken_causes(editor, lambda p: editor.is_correct(*p), pairs, [True], [True]) == {
         "broken": 0, "counts": dict.fromkeys(CAUSES, 0), "top_edit_neighbour": 0, "items": []}
+
+
+def test_with_a_clip_threshold_only_neurons_above_it_count_as_firing(setup):
+    """Clipped at 1.5, a neuron at z = 1 passes nothing: the one at z = 2 breaks the input alone and
+    is the only one counted as firing."""
+    editor, text, label, q, v, t = setup
+    editor.ffn.set_clip(True, 1.5)
+    _add(editor, "weak", q, [1.0], [1.5 * t], v)
+    assert editor.is_correct(text, label)  # below the threshold: nothing passes
+    _add(editor, "strong", q, [2.0], [1.5 * t], v)
+    after = [editor.is_correct(text, label)]
+    out = broken_causes(editor, lambda p: editor.is_correct(*p), [(text, label)], [True], after)
+    assert after == [False] and out["counts"]["firing"] == 1
+    assert out["items"][0]["firing"] == 1 and out["items"][0]["top_edit"] == "strong"

@@ -177,6 +177,14 @@ def test_compare_table_names_the_settings_that_differ():
     assert rows[0].endswith("| CPU |") and rows[2].endswith("| not recorded |") and rows[3].endswith("| AMD EPYC AVX2 |")
     with pytest.raises(tables.TableError, match="no result file missing"):
         tables.compare_table(["a", "missing"], {"a": base})
+    # a setting added after a run was made reads as what its absence meant then, not None
+    old, clipped = copy.deepcopy(base), copy.deepcopy(base)
+    for key in ("clip_negative", "clip_threshold"):
+        old["methods"]["patcher"]["config"]["patcher"].pop(key, None)
+    clipped["methods"]["patcher"]["config"]["patcher"].update(clip_negative=True, clip_threshold=2.0)
+    header, _, row_old, row_clipped = tables.compare_table(["o", "c"], {"o": old, "c": clipped}).splitlines()
+    assert header.startswith("| result | `clip_negative` | `clip_threshold` |")
+    assert row_old.startswith("| `o` | False | 0.0 |") and row_clipped.startswith("| `c` | True | 2.0 |")
 
 
 def test_gr_kinds_table_counts_each_kind_beside_the_base_and_refuses_runs_without_them():
