@@ -1,9 +1,9 @@
 """Why a patched classifier breaks held-out items it used to get right, neuron by neuron.
 
 A patch neuron changes an input's output in one of two ways: it *fires* (pre-activation z > 0,
-or above ``clip_threshold`` for clipped neurons) and adds up to its full value, or it stays below 0 and, GELU or SiLU being negative there, adds a
-small multiple of minus its value (GELU reaches -0.17 at z = -0.75 and is still -0.004 at z = -3),
-which pushes towards the other label. For each held-out item the base got right and the patched
+or above ``clip_threshold`` for clipped neurons) and adds up to its full value, or it stays below
+0 and, GELU or SiLU being negative there, adds a small multiple of minus its value (GELU reaches
+-0.17 at z = -0.75 and is still -0.004 at z = -3), which pushes towards the other label. For each held-out item the base got right and the patched
 model gets wrong, this takes the patch neurons out of the model, a group at a time, and judges
 the item again:
 

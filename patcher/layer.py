@@ -217,10 +217,10 @@ class PatchedFFN:
     def set_clip(self, clip: bool, threshold: float = 0.0) -> None:
         threshold = float(threshold) if clip else 0.0
         if (clip, threshold) != (self.clip, self.clip_threshold) and self.blocks:
-            raise PatchError(f"this model carries {len(self.blocks)} patches made with {self._clip_setting(self.clip, self.clip_threshold)}; "
-                             f"new ones cannot use {self._clip_setting(clip, threshold)} (one activation for all patch "
-                             f"neurons): keep {self._clip_setting(self.clip, self.clip_threshold)} for this model, or patch "
-                             f"its base (no patches) to change it")
+            have = self._clip_setting(self.clip, self.clip_threshold)
+            raise PatchError(f"this model carries {len(self.blocks)} patches made with {have}; new ones cannot use "
+                             f"{self._clip_setting(clip, threshold)} (one activation for all patch neurons): keep "
+                             f"{have} for this model, or patch its base (no patches) to change it")
         self.ins[0].clip, self.ins[0].clip_threshold = clip, threshold
         self._clipped_act.threshold = threshold
 
