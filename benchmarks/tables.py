@@ -152,7 +152,7 @@ def cpu(result: dict) -> str:
 
 # Settings added after some runs were made, and what their absence in a run's config means (the
 # code then behaved as this value does).
-ABSENT_MEANS = {"clip_negative": False, "clip_threshold": 0.0}
+ABSENT_MEANS = {"clip_negative": False, "clip_threshold": 0.0, "edit_negatives": 0, "negative_max_df": 0.02}
 
 
 def compare_table(stems: list[str], results: dict[str, dict]) -> str:

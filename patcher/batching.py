@@ -36,7 +36,7 @@ from .batch_step import MASKED, batch_losses, compiled, layout, per_edit, per_ed
 from .errors import PatchError
 from .objective import Objective, topk_mean
 from .records import EditRequest, EditResult
-from .steps import Params, init_neurons, preactivation, to_block
+from .steps import Params, Prepared, init_neurons, preactivation, to_block
 from .training import Patience, TrainLog
 
 UNION_DEVICES = ("cpu",)  # where memory candidates are scored as their union (see _Loop._union)
@@ -44,8 +44,6 @@ UNION_DEVICES = ("cpu",)  # where memory candidates are scored as their union (s
 
 def edit_batch(editor, requests: Sequence[EditRequest]) -> list[EditResult | PatchError]:
     """``Editor.edit_batch``: prepare every request, train those that need it together, keep them in order."""
-    from .editor import Prepared
-
     t0 = time.perf_counter()
     prepared: list[Prepared | EditResult | PatchError] = []
     for request in requests:

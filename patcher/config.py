@@ -44,6 +44,12 @@ class PatcherConfig(BaseModel):
     clip_threshold: float = Field(0.0, ge=0, description="with clip_negative: a neuron passes nothing until its "
                                   "pre-activation is above this, so inputs it fires on only weakly are left alone too; "
                                   "at most act_margin, which the activation loss asks of the mistake (ours)")
+    edit_negatives: int = Field(0, ge=0, description="per edit, this many copies of the mistake with one of its rare "
+                                "spans (names, mostly) swapped for another rare word of the memory texts; the new "
+                                "neurons stay silent on them as on the memory, so they key on what the mistake is about, "
+                                "not on its wording (patcher.negatives). Needs build_memory's texts. 0: none (ours)")
+    negative_max_df: float = Field(0.02, gt=0, le=1, description="edit_negatives: a word is rare (swappable, and a "
+                                   "replacement) if at most this share of the memory texts contain it (ours)")
     act_loss_weight: float = 1.0
     memory_loss_weight: float | None = Field(None, description="None: 5 for classification, 10 for generation")
     entropy_weight: float = Field(0.1, description="binary classification: edit loss adds -w * entropy")
@@ -135,6 +141,13 @@ class PatcherConfig(BaseModel):
             raise ValueError(f"clip_threshold={self.clip_threshold:g} is above act_margin={self.act_margin:g}: the mistake "
                              f"itself could stay below the threshold, where the neuron passes nothing; set act_margin "
                              f">= clip_threshold")
+        return self
+
+    @model_validator(mode="after")
+    def _negatives_one_at_a_time(self) -> "PatcherConfig":
+        if self.edit_negatives and self.edit_batch > 1:
+            raise ValueError(f"edit_negatives={self.edit_negatives} trains each edit against its own negatives, which "
+                             f"edit_batch={self.edit_batch} does not do: set edit_batch=1 or edit_negatives=0")
         return self
 
     @model_validator(mode="after")

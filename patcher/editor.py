@@ -6,13 +6,13 @@ edits). ``edit`` reads top to bottom: encode, capture, pick the wrong positions,
 ``steps.FullStep`` driven by ``training.train``), add the block, check it on the real model, remember its queries.
 ``edit_batch`` trains several mistakes side by side and keeps them in order (``batching``).
 
-Generators are edited as served: a decoder-only answer is trained followed by a stop token, and
-an edit is fixed only if greedy generation gives the answer and stops (``train_stop``).
+Generators are edited as served: a decoder-only answer is trained followed by a stop token, and an edit is
+fixed only if greedy generation gives the answer and stops (``train_stop``).
 
-Devices and dtypes: every tensor the editor makes lives on the model's device (inputs, labels,
-memory, random generators). The memory and the neurons being trained are fp32 whatever the
-model's dtype; the kept neurons are stored and applied in the model's dtype, and an edit counts
-as fixed only if the model itself, in its own dtype, gets it right with them.
+Devices and dtypes: every tensor the editor makes lives on the model's device (inputs, labels, memory, random
+generators). The memory and the neurons being trained are fp32 whatever the model's dtype; the kept neurons are
+stored and applied in the model's dtype, and an edit counts as fixed only if the model itself, in its own dtype,
+gets it right with them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -31,23 +30,12 @@ from .encoding import Encoded, by_length, choose_stop, collate, encode, gather_p
 from .errors import PatchError
 from .families import Family, get_path, has_dropout, resolve_family
 from .layer import PatchBlock, PatchedFFN
+from .negatives import WordStats, swapped
 from .objective import Objective, matched_margin
 from .predict import predict, served_correct, target_correct
 from .records import EditRequest, EditResult
-from .steps import CachedStep, Captured, FullStep, edit_seed, init_neurons, to_block
+from .steps import CachedStep, Captured, FullStep, Prepared, edit_seed, init_neurons, to_block
 from .training import TrainLog, train
-
-
-@dataclass
-class Prepared:
-    """A mistake ready to train: encodings (the mistake first), capture, labels, positions, seed."""
-
-    request: EditRequest
-    variants: list[Encoded]
-    cap: Captured
-    labels: torch.Tensor
-    positions: list[int]
-    seed: int
 
 
 class _QueriesTaken(Exception):
@@ -76,6 +64,7 @@ class Editor:
         self._fingerprint: str | None = None
         self._stops = stop_ids(model, tokenizer, self.family) if self.config.train_stop else []
         self._has_dropout = has_dropout(model)
+        self._words: WordStats | None = None  # the memory texts' word statistics (edit_negatives)
         if self.config.memory_margin is None:
             matched_margin(self.ffn.act)  # an activation no margin can silence is refused here, not at the first edit
 
@@ -167,15 +156,16 @@ class Editor:
 
     @torch.no_grad()
     def build_memory(self, texts: Sequence[str], batch_size: int = 32, val_texts: Sequence[str] | None = None) -> int:
-        """Cache the queries of unrelated inputs (once); returns the number of memory queries.
-
-        ``val_texts``: a separate validation split whose queries, all of them, are the validation
-        memory (as the reference's); otherwise ``val_memory_fraction`` of the memory is held out.
-        ``memory_unit`` says whether ``memory_size`` and the fraction count queries or texts."""
+        """Cache the queries of unrelated inputs (once); returns the number of memory queries. ``val_texts``: a
+        separate validation split whose queries, all of them, are the validation memory (as the reference's);
+        otherwise ``val_memory_fraction`` of the memory is held out. ``memory_unit`` says whether ``memory_size``
+        and the fraction count queries or texts."""
         texts = [t for t in texts if isinstance(t, str) and t.strip()]
         if not texts:
             raise PatchError("build_memory needs at least one non-empty text")
         c, gen = self.config, torch.Generator(device=self.device).manual_seed(self.config.seed)
+        if c.edit_negatives:
+            self._words = WordStats.of(texts)
         if c.memory_unit == "examples":  # sample and split texts, then read their queries
             order = torch.randperm(len(texts), generator=gen, device=self.device)[: c.memory_size].tolist()
             n_val = 0 if val_texts is not None else self._n_val(len(order))
@@ -214,12 +204,10 @@ class Editor:
 
     @torch.no_grad()
     def remember(self, requests: Sequence[EditRequest]) -> int:
-        """Add to the memories exactly the queries that ``edit`` added for these edits (as
-        ``edit_memory`` says, captured as ``edit`` captured them), in order, so that a night
-        resumed from a saved patch set trains the same patches as one that never stopped.
-
-        ``requests``: the edits whose patches the model carries (those ``edit`` kept). Requests
-        that fail to encode are skipped (they were checked when they were first edited)."""
+        """Add to the memories exactly the queries that ``edit`` added for these edits (as ``edit_memory`` says,
+        captured as ``edit`` captured them), in order, so that a night resumed from a saved patch set trains the
+        same patches as one that never stopped. ``requests``: the edits whose patches the model carries (those
+        ``edit`` kept); those that fail to encode are skipped (they were checked when they were first edited)."""
         added = 0
         for request in requests:
             try:
@@ -231,10 +219,10 @@ class Editor:
         return added
 
     def _remember_edit(self, variants: list[Encoded], q: torch.Tensor) -> None:
-        """Add an edit's queries ``q`` (of ``variants``, eval mode) to the memory, as ``edit_memory``
-        says. Reference: the queries of its batch, ``batch_size`` copies of the mistake, join the
-        training and the validation memory; for generators the first and last row of the flattened
-        batch are dropped (src/models/seq2seq_modules.py Editor.construct_memory, update=True)."""
+        """Add an edit's queries ``q`` (of ``variants``, eval mode) to the memory, as ``edit_memory`` says.
+        Reference: the queries of its batch, ``batch_size`` copies of the mistake, join the training and the
+        validation memory; for generators the first and last row of the flattened batch are dropped
+        (src/models/seq2seq_modules.py Editor.construct_memory, update=True)."""
         if self.config.edit_memory == "ours":
             self.memory = torch.cat([self.memory, q])
             return
@@ -249,9 +237,8 @@ class Editor:
         return predict(self.model, self.tokenizer, texts, max_new_tokens=self.config.max_new_tokens)
 
     def is_correct(self, text: str, target) -> bool:
-        """The model, in its own dtype, gives ``target``: as served (greedy generation gives the
-        answer and stops; a classifier's argmax), or teacher-forced when ``train_stop`` is off for
-        a decoder-only model (then stopping is not what was trained)."""
+        """The model, in its own dtype, gives ``target``: as served (greedy generation gives the answer and
+        stops; a classifier's argmax), or teacher-forced when ``train_stop`` is off for a decoder-only model."""
         judge = target_correct if self.task == "generation" and not self.family.seq2seq and not self._stops else served_correct
         return judge(self.model, self.tokenizer, [text], [target])[0]
 
@@ -296,7 +283,18 @@ class Editor:
             return EditResult(request.id, fixed=True, already_correct=True, seconds=time.perf_counter() - t0,
                               message="already correct: nothing added")
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
-        return Prepared(request, variants, cap, labels, positions, edit_seed(self.config.seed, request.id))
+        seed = edit_seed(self.config.seed, request.id)
+        return Prepared(request, variants, cap, labels, positions, seed, self._negatives(request, seed))
+
+    def _negatives(self, request: EditRequest, seed: int) -> torch.Tensor | None:
+        """``edit_negatives``: the queries of the mistake with a rare span swapped (``patcher.negatives``),
+        where its target is read; None when off or the mistake has no rare span."""
+        c, stop = self.config, (self._stops[0] if self._stops else None)
+        if c.edit_negatives and self._words is None:
+            raise PatchError("edit_negatives needs the memory texts' words: call build_memory(texts) first")
+        texts = swapped(request.input, c.edit_negatives, self._words, c.negative_max_df, seed,
+                        request.equivalents or []) if c.edit_negatives else []
+        return self._queries([self._encode(t, request.target, stop) for t in texts]) if texts else None
 
     def _train_and_keep(self, p: Prepared, t0: float, first: tuple[PatchBlock, TrainLog, float] | None = None,
                         stale: bool = False) -> EditResult:
@@ -314,7 +312,7 @@ class Editor:
                     batches = self._training_batches(p.cap, p.variants, len(main.labels), p.seed)
                 t = time.perf_counter()
                 block, log = self._train(request.id, p.positions * per_position, p.cap, main, p.variants, p.labels,
-                                         batches, p.seed)
+                                         batches, p.seed, p.negatives)
                 seconds = time.perf_counter() - t
             t_train, steps = t_train + seconds, steps + log.steps
             self.ffn.add(block)
@@ -331,9 +329,11 @@ class Editor:
                           message=message, validations=log.validations, lr_drops=log.lr_drops)
 
     def _train(self, edit_id: str, positions: list[int], cap: Captured, main: Encoded, variants: list[Encoded],
-               labels: torch.Tensor, batches, seed: int) -> tuple[PatchBlock, TrainLog]:
-        """New neurons, one per entry of ``positions`` (reading the query there), trained on the edit."""
+               labels: torch.Tensor, batches, seed: int, negatives: torch.Tensor | None = None) -> tuple[PatchBlock, TrainLog]:
+        """New neurons, one per entry of ``positions`` (reading the query there), trained on the edit;
+        ``negatives`` join the memory for this edit only."""
         c = self.config
+        memory = self.memory if negatives is None else torch.cat([self.memory, negatives])
         q_edit = cap.q[positions].float()
         params = init_neurons(q_edit, self.ffn.d_out, c.amplifier, self.family.gated, seed, c.value_init)
         objective = Objective(c, self.task, self.ffn.neuron_act, self.family.gated, self.device, self.ffn.act)
@@ -348,13 +348,12 @@ class Editor:
                             positions, self.device, fixed_every_step=c.stop_rule == "leak")
             rng = self._seeded_rng(seed)  # dropout masks from the edit's own seed: a replay draws the same
         with rng:
-            log = train(step, params, objective, self.memory, self.val_memory, q_edit, check_every)
+            log = train(step, params, objective, memory, self.val_memory, q_edit, check_every)
         return to_block(edit_id, params, self.family.gated, self.dtype), log
 
     def _training_batches(self, cap: Captured, variants: list[Encoded], n_pos: int, seed: int):
-        """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d).
-
-        Every batch holds the mistake and its paraphrases without dropout. With dropout in the model, each of
+        """Cached mode: the (q, resid, y) rows each step trains on, shaped (R, n_pos, d). Every batch holds the
+        mistake and its paraphrases without dropout. With dropout in the model, each of
         ``dropout_rounds`` batches adds a dropout sample of the reference's batch (the mistake ``batch_size - 1``
         more times, the paraphrases once); steps cycle through them, as the reference draws fresh masks each step."""
         c = self.config

@@ -30,6 +30,7 @@ from torch import nn
 
 from .encoding import Encoded, gather_positions, labels_of
 from .layer import PatchBlock, PatchedFFN
+from .records import EditRequest
 
 Params = dict[str, torch.Tensor]
 
@@ -44,6 +45,20 @@ class Captured:
     resid: torch.Tensor
     y: torch.Tensor
     logits: torch.Tensor
+
+
+@dataclass
+class Prepared:
+    """A mistake ready to train: encodings (the mistake first), capture, labels, positions, seed, and its
+    negatives (queries the new neurons stay silent on, this edit only: ``edit_negatives``)."""
+
+    request: EditRequest
+    variants: list[Encoded]
+    cap: Captured
+    labels: torch.Tensor
+    positions: list[int]
+    seed: int
+    negatives: torch.Tensor | None = None
 
 
 @dataclass
