@@ -97,6 +97,7 @@ def make_editor(name: str, task: Task, options: dict | None, seed: int, memory_c
                 "build_seconds": time.perf_counter() - t0}}
         else:
             editor.memory, editor.val_memory = (m.clone() for m in memory_cache[key]["tensors"])
+            editor.index_words(task.memory_texts)
         return editor, {"patcher": config.model_dump(), **memory_cache[key]["info"]}
 
     return make_ft if method.family == "ft" else make_patcher

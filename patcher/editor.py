@@ -164,8 +164,7 @@ class Editor:
         if not texts:
             raise PatchError("build_memory needs at least one non-empty text")
         c, gen = self.config, torch.Generator(device=self.device).manual_seed(self.config.seed)
-        if c.edit_negatives:
-            self._words = WordStats.of(texts)
+        self.index_words(texts)
         if c.memory_unit == "examples":  # sample and split texts, then read their queries
             order = torch.randperm(len(texts), generator=gen, device=self.device)[: c.memory_size].tolist()
             n_val = 0 if val_texts is not None else self._n_val(len(order))
@@ -182,6 +181,10 @@ class Editor:
         if val_texts is not None:
             self.val_memory = self._text_queries([t for t in val_texts if isinstance(t, str) and t.strip()], batch_size)
         return int(self.memory.shape[0] + self.val_memory.shape[0])
+
+    def index_words(self, texts: Sequence[str]) -> None:
+        """Index the memory texts' words for ``edit_negatives`` (``build_memory`` does; a cached memory needs it)."""
+        self._words = WordStats.of(texts) if self.config.edit_negatives else None
 
     def _n_val(self, n: int) -> int:
         """How many of n memory queries (or texts) are held out as validation memory."""
@@ -245,10 +248,7 @@ class Editor:
     # ------------------------------------------------------------------ the tail of the model
     def _logits_from(self, y: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """Logits from the FFN output at cached positions: residual, norms, head. (N, d) -> (N, C)."""
-        if self._post_norm is not None:
-            h = self._post_norm(y + resid)
-        else:
-            h = resid + y
+        h = self._post_norm(y + resid) if self._post_norm is not None else resid + y
         if self._final_norm is not None:
             h = self._final_norm(h)
         return self.family.head(self.model, h)
@@ -261,9 +261,8 @@ class Editor:
         return prepared if isinstance(prepared, EditResult) else self._train_and_keep(prepared, t0)
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> list[EditResult | PatchError]:
-        """Fix several mistakes, trained side by side and kept in order (see ``batching``): each
-        result is one that ``edit`` could have given; a request that cannot be patched gets its
-        ``PatchError`` in its place, and the others are patched."""
+        """Fix several mistakes, trained side by side and kept in order (see ``batching``): each result is one
+        that ``edit`` could have given; a request that cannot be patched gets its ``PatchError`` in its place."""
         from .batching import edit_batch
         return edit_batch(self, requests)
 
@@ -283,17 +282,17 @@ class Editor:
             return EditResult(request.id, fixed=True, already_correct=True, seconds=time.perf_counter() - t0,
                               message="already correct: nothing added")
         positions = wrong[: self.config.max_neurons_per_edit] if self.task == "generation" else [0]
-        seed = edit_seed(self.config.seed, request.id)
+        seed = edit_seed(self.config.seed, request.id)  # the edit's own: its init, dropout masks and negatives
         return Prepared(request, variants, cap, labels, positions, seed, self._negatives(request, seed))
 
     def _negatives(self, request: EditRequest, seed: int) -> torch.Tensor | None:
-        """``edit_negatives``: the queries of the mistake with a rare span swapped (``patcher.negatives``),
-        where its target is read; None when off or the mistake has no rare span."""
+        """``edit_negatives``: the mistake with a rare span swapped (``patcher.negatives``), queried where read."""
         c, stop = self.config, (self._stops[0] if self._stops else None)
-        if c.edit_negatives and self._words is None:
-            raise PatchError("edit_negatives needs the memory texts' words: call build_memory(texts) first")
-        texts = swapped(request.input, c.edit_negatives, self._words, c.negative_max_df, seed,
-                        request.equivalents or []) if c.edit_negatives else []
+        if not c.edit_negatives:
+            return None
+        if self._words is None:
+            raise PatchError("edit_negatives needs the memory texts' words: call build_memory(texts) or index_words(texts)")
+        texts = swapped(request.input, c.edit_negatives, self._words, c.negative_max_df, seed, request.equivalents or [])
         return self._queries([self._encode(t, request.target, stop) for t in texts]) if texts else None
 
     def _train_and_keep(self, p: Prepared, t0: float, first: tuple[PatchBlock, TrainLog, float] | None = None,

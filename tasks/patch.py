@@ -155,6 +155,7 @@ def memory_queries(cfg: ModelConfig, editor: Editor, base_fp: str) -> int:
         tensors = load_file(str(cache))
         device = editor.memory.device
         editor.memory, editor.val_memory = tensors["memory"].to(device), tensors["val_memory"].to(device)
+        editor.index_words([e.input for e in examples])
         return int(editor.memory.shape[0] + editor.val_memory.shape[0])
     n = editor.build_memory([e.input for e in examples])
     cache.parent.mkdir(parents=True, exist_ok=True)

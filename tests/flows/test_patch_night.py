@@ -30,8 +30,9 @@ def _parent(world):
     return Registry(world.tracking_uri).load_version(world.name, "champion")
 
 
-def _batched(cfg, edit_batch: int):
-    return cfg.model_copy(update={"patcher": cfg.patcher.model_copy(update={"edit_batch": edit_batch})})
+def _batched(cfg, edit_batch: int, edit_negatives: int = 0):
+    update = {"edit_batch": edit_batch, "edit_negatives": edit_negatives}
+    return cfg.model_copy(update={"patcher": cfg.patcher.model_copy(update=update)})
 
 
 @pytest.mark.parametrize("edit_batch", [1, 3])
@@ -52,9 +53,11 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("edit_batch", [1, 2])
-def test_a_resumed_night_gives_bit_identical_patches(world, tmp_path: Path, edit_batch):
-    base_cfg = _batched(load_config(world.name, world.deployments), edit_batch)
+@pytest.mark.parametrize("edit_batch, edit_negatives", [(1, 4), (2, 0)])
+def test_a_resumed_night_gives_bit_identical_patches(world, tmp_path: Path, edit_batch, edit_negatives):
+    """With ``edit_negatives`` the resumed night reads its memory from the cache the first one wrote,
+    and must draw the same negatives from the memory texts."""
+    base_cfg = _batched(load_config(world.name, world.deployments), edit_batch, edit_negatives)
     records = _records(world, 0, 4, paraphrases=2)
 
     whole = patch_night(base_cfg.model_copy(update={"workdir": tmp_path / "a"}), _parent(world), records)
