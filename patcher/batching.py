@@ -100,11 +100,18 @@ def train_together(editor, preps: list) -> list[tuple]:
     rounds = [editor._training_batches(p.cap, p.variants, len(p.labels), p.seed) for p in preps]
     inits = [init_neurons(p.cap.q[p.positions].float(), editor.ffn.d_out, c.amplifier, editor.family.gated, p.seed,
                           c.value_init) for p in preps]
-    # each neuron's memory: the memory, and the queries of the batch's edits before its own (masked otherwise)
-    q_of = torch.cat([torch.full((p.cap.q.shape[0],), e, device=device) for e, p in enumerate(preps)])
-    memory = torch.cat([editor.memory, *(p.cap.q.float() for p in preps)])
+    # each neuron's memory: the memory, the queries of the batch's edits before its own and its own edit's
+    # negatives (``edit_negatives``); the other rows are masked for it
+    def owners(rows: list[torch.Tensor | None]) -> torch.Tensor:
+        return torch.cat([torch.full((0,), 0, device=device)] + [torch.full((r.shape[0],), e, device=device)
+                                                                 for e, r in enumerate(rows) if r is not None])
+
+    q_of, neg_of = owners([p.cap.q for p in preps]), owners([p.negatives for p in preps])
+    memory = torch.cat([editor.memory, *(p.cap.q.float() for p in preps),
+                        *(p.negatives for p in preps if p.negatives is not None)])
     objective = Objective(c, editor.task, editor.ffn.neuron_act, editor.family.gated, device, editor.ffn.act)
-    loop = _Loop(c, objective, editor._logits_from, preps, rounds, inits, memory, q_of, editor.val_memory, editor.dtype)
+    loop = _Loop(c, objective, editor._logits_from, preps, rounds, inits, memory, (q_of, neg_of), editor.val_memory,
+                 editor.dtype)
     out = []
     for p, (step, losses, at) in zip(preps, loop.run()):
         block = to_block(p.request.id, at, editor.family.gated, editor.dtype)
@@ -118,10 +125,12 @@ class _Loop:
     still training are packed together; those that stop leave the pack (it shrinks, so the last
     few do not pay for the rest)."""
 
-    def __init__(self, c, objective, tail, preps, rounds, inits, memory, q_of, val, dtype):
+    def __init__(self, c, objective, tail, preps, rounds, inits, memory, owners, val, dtype):
+        """``owners``: the edit (index in ``preps``) of each row after the memory's own, first the edits' queries,
+        then their negatives."""
         self.c, self.objective, self.tail, self.preps, self.rounds = c, objective, tail, preps, rounds
-        self.memory, self.q_of, self.val, self.dtype = memory, q_of, val, dtype
-        self.n_base = memory.shape[0] - q_of.shape[0]
+        (self.q_of, self.neg_of), self.memory, self.val, self.dtype = owners, memory, val, dtype
+        self.n_base = memory.shape[0] - self.q_of.shape[0] - self.neg_of.shape[0]
         n, device = len(preps), memory.device
         self.patience = Patience.start((n,), device)
         self.every = c.val_every or c.memory_refresh
@@ -143,7 +152,8 @@ class _Loop:
         self.q_edit = torch.cat([self.preps[e].cap.q[self.preps[e].positions].float() for e in active])
         edit_of = torch.tensor(active, device=device)[self.lay.neuron_edit]  # each neuron's edit in the batch
         self.mask = torch.cat([self.memory.new_zeros(self.n_base, len(edit_of)),
-                               torch.where(self.q_of[:, None] < edit_of[None], 0.0, MASKED)])
+                               torch.where(self.q_of[:, None] < edit_of[None], 0.0, MASKED),
+                               torch.where(self.neg_of[:, None] == edit_of[None], 0.0, MASKED)])
         self.params = params
         self.opt = torch.optim.Adam(list(params.values()), lr=c.lr, weight_decay=c.weight_decay, fused=True)
         if state is not None:

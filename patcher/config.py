@@ -144,13 +144,6 @@ class PatcherConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _negatives_one_at_a_time(self) -> "PatcherConfig":
-        if self.edit_negatives and self.edit_batch > 1:
-            raise ValueError(f"edit_negatives={self.edit_negatives} trains each edit against its own negatives, which "
-                             f"edit_batch={self.edit_batch} does not do: set edit_batch=1 or edit_negatives=0")
-        return self
-
-    @model_validator(mode="after")
     def _compile_needs_cached(self) -> "PatcherConfig":
         if self.compile and not self.cached:
             raise ValueError("compile applies to the cached step only: set cached=True or compile=None")
