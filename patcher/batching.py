@@ -102,9 +102,9 @@ def train_together(editor, preps: list) -> list[tuple]:
                           c.value_init) for p in preps]
     # each neuron's memory: the memory, the queries of the batch's edits before its own and its own edit's
     # negatives (``edit_negatives``); the other rows are masked for it
-    def owners(rows: list[torch.Tensor | None]) -> torch.Tensor:
-        return torch.cat([torch.full((0,), 0, device=device)] + [torch.full((r.shape[0],), e, device=device)
-                                                                 for e, r in enumerate(rows) if r is not None])
+    def owners(rows: list[torch.Tensor | None]) -> torch.Tensor:  # the edit of each row
+        return torch.tensor([e for e, r in enumerate(rows) if r is not None for _ in range(r.shape[0])],
+                            dtype=torch.long, device=device)
 
     q_of, neg_of = owners([p.cap.q for p in preps]), owners([p.negatives for p in preps])
     memory = torch.cat([editor.memory, *(p.cap.q.float() for p in preps),
